@@ -188,7 +188,13 @@ class StreamSession:
             return tokens
         if self._decoder is not None:
             tokens = self._decode_ids(tokens)
-        out = self._chain.process(tokens)
+        try:
+            out = self._chain.process(tokens)
+        except Exception as exc:  # a failing user transformer ends only this stream
+            err = Error.of("filtered", f"transformer failed: {type(exc).__name__}: {exc}")
+            self._chain.ended = True
+            self._accumulator.observe_batch([err])
+            out = [err]
         if out:
             self._metrics.on_tokens(out, read_ns)
         if self._chain.ended:
