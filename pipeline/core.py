@@ -353,11 +353,12 @@ class StreamingPipeline:
         BackpressureController, so a slow consumer stops the reads instead of growing memory."""
         return TokenStream(self, chunks)
 
-    def stream_request(self, request: Any) -> Any:
-        """Async iterator of tokens for one HTTP streaming request, in this process."""
+    def stream_request(self, request: Any, **options: Any) -> Any:
+        """Async iterator of tokens for one HTTP streaming request (or a Replay), in this
+        process; `.result` once exhausted. Options: `session=`, `limiter=`, `stream_id=`."""
         from .http import stream_request
 
-        return stream_request(self, request)
+        return stream_request(self, request, **options)
 
     def metrics(self) -> Any:
         """This process's merged metrics of finished streams (None when metrics are off)."""

@@ -1,0 +1,799 @@
+"""HTTP streaming over aiohttp: one request's response body to SseEvent batches, and
+`stream_request`, which runs that through a StreamSession for one stream in this process.
+
+`HttpStreamHandler` owns the network policy of one stream: connect and idle and total timeouts,
+retries before the first byte (connect errors, 429, 5xx), resuming with `Last-Event-ID` after a
+drop, client-side rate limits, typed errors. It reads by chunk (never by line) and hands each
+read's events to the caller with the time of the read. It never re-sends a request after a clean
+end, nor after any content was delivered unless it is resuming by event id.
+
+Secrets: error messages, reprs and logs carry the URL with secret query values redacted and the
+response body with any secret header value scrubbed out; request headers never appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from .backpressure import bounded_read_ahead
+from .errors import (
+    CancelledStreamError,
+    ConfigurationError,
+    HttpStatusError,
+    StreamError,
+    StreamTimeoutError,
+    TooLargeError,
+)
+from .sources import REDACTED, Replay, Request, _redact_url, is_secret_header
+from .sse import DEFAULT_MAX_EVENT_BYTES, SseEvent, SseParser
+from .tokens import Error, StreamResult, StreamToken
+
+__all__ = [
+    "HttpOptions",
+    "HttpStreamHandler",
+    "HttpTokenStream",
+    "RateLimiter",
+    "parse_retry_after",
+    "stream_request",
+]
+
+log = logging.getLogger("pipeline.http")
+
+# Statuses worth a retry before the first byte, as the official OpenAI and Anthropic SDKs decide
+# (`_should_retry`): request timeout, lock conflict, rate limit, and every server error.
+RETRY_STATUSES = frozenset({408, 409, 429})
+
+# A drop is the connection ending mid-body: a payload error (chunked framing cut short), the
+# server closing, a reset. The bytes already read stay good; what follows is lost.
+_DROP_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError)
+
+
+class HttpOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """Network policy of HTTP streams; built from `PipelineBuilder().http(**options)`."""
+
+    # Time to open a TCP (and TLS) connection. 10 s is far above any healthy handshake, even
+    # across continents, and short enough that a dead host fails fast and gets retried.
+    connect_timeout: float = 10.0
+    # Whole-stream deadline (all attempts, reconnects and reads); None: a stream may run as long
+    # as it keeps sending, since long generations legitimately take many minutes.
+    total_timeout: float | None = None
+    # Longest silence between reads (and before the response headers). Providers send keepalive
+    # comments or pings every 15-30 s during long thinking phases; 60 s leaves room for two.
+    idle_timeout: float | None = 60.0
+    # Retries of the first request for connect errors, 408/409/429 and 5xx before any byte of a
+    # stream: 2, as the OpenAI and Anthropic SDKs do by default.
+    retries: int = 2
+    # Full-jitter exponential backoff (AWS architecture blog "Exponential Backoff And Jitter"):
+    # wait uniform(0, min(backoff_max, backoff_base * 2**n)). 0.5 s and 8 s are the SDKs' values.
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    # Honour a server's Retry-After up to this many seconds; a longer one is not waited out here
+    # but reported (error.retry_after) so the caller can reschedule instead of holding a slot.
+    max_retry_after: float = 60.0
+    # Reconnect with Last-Event-ID after a drop when the server sent event ids (WHATWG
+    # EventSource behaviour), at most max_reconnects times per stream so a flapping server
+    # cannot keep a stream alive for ever.
+    resume: bool = True
+    max_reconnects: int = 5
+    # Client-side limits shared by the streams of one process (or one `stream_request` pipeline):
+    # requests per minute and tokens per minute (output tokens, counted as streams complete).
+    rpm: float | None = None
+    tpm: float | None = None
+    # Burst allowance of the limits, in seconds' worth of the rate: providers enforce per-minute
+    # limits over shorter windows ("60,000 rpm may be enforced as 1,000 per second"), so a whole
+    # minute's budget at once would trip them.
+    rate_burst: float = 1.0
+    # Bytes of an error response body kept in the error: enough for any provider's JSON error,
+    # small enough that an HTML error page from a proxy cannot bloat results.
+    max_error_body: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("connect_timeout", "total_timeout", "idle_timeout", "rpm", "tpm"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigurationError(f"http option {name} must be positive or None, not {v!r}")
+        if self.retries < 0 or self.max_reconnects < 0:
+            raise ConfigurationError("http options retries and max_reconnects must be >= 0")
+        if not (self.backoff_base >= 0 and self.backoff_max >= 0 and self.max_retry_after >= 0 and self.rate_burst > 0):
+            raise ConfigurationError("http backoff, retry-after and burst settings must be non-negative")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> "HttpOptions":
+        """Options from `pipeline.http_options`; an unknown or mistyped option is an error now."""
+        if not options:
+            return cls()
+        unknown = set(options) - set(cls.__struct_fields__)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown http option(s) {', '.join(sorted(unknown))}; known: {', '.join(cls.__struct_fields__)}"
+            )
+        try:
+            return msgspec.convert(options, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigurationError(f"bad http option: {exc}") from None
+
+
+# --- rate limits --------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """Client-side requests-per-minute and tokens-per-minute limits (GCRA token buckets).
+
+    `acquire()` waits until one more request may be sent; `record_tokens(n)` charges tokens a
+    stream used once it completes (output tokens: they are what a stream reports at its end).
+    Requests reserve their slot in call order, so waiters go out FIFO at the configured rate. The
+    token budget may go into debt (a stream's size is known only at its end); new requests wait
+    until the debt is paid back. No lock and no loop is held, so one limiter can serve streams
+    of several event loops. Not thread-safe (one per process or loop thread).
+    """
+
+    def __init__(self, rpm: float | None = None, tpm: float | None = None, *, burst: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self._clock = clock
+        # GCRA: `_tat` is the theoretical arrival time of the next request; a request may go when
+        # _tat - now <= tolerance (the burst). Emission interval T = 60 / rpm.
+        self._req_interval = 60.0 / rpm if rpm else 0.0
+        self._req_tolerance = max(0.0, (max(1.0, rpm * burst / 60.0) - 1.0) * self._req_interval) if rpm else 0.0
+        self._req_tat = 0.0
+        self._tok_interval = 60.0 / tpm if tpm else 0.0
+        self._tok_tolerance = (max(1.0, tpm * burst / 60.0)) * self._tok_interval if tpm else 0.0
+        self._tok_tat = 0.0
+        self.waited = 0.0  # total seconds callers spent waiting here
+
+    def delay(self) -> float:
+        """Seconds the next request would wait now (without reserving)."""
+        now = self._clock()
+        d = 0.0
+        if self.rpm:
+            d = max(d, max(self._req_tat, now) - self._req_tolerance - now)
+        if self.tpm:
+            d = max(d, self._tok_tat - self._tok_tolerance - now)
+        return max(0.0, d)
+
+    async def acquire(self) -> float:
+        """Wait until a request may be sent; returns the seconds waited."""
+        waited = 0.0
+        if self.tpm:
+            # Token debt first: tokens are charged at stream ends, so re-check after each sleep.
+            while True:
+                d = self._tok_tat - self._tok_tolerance - self._clock()
+                if d <= 0:
+                    break
+                await asyncio.sleep(d)
+                waited += d
+        if self.rpm:
+            now = self._clock()
+            tat = max(self._req_tat, now)
+            d = tat - self._req_tolerance - now
+            self._req_tat = tat + self._req_interval  # reserve the slot now: FIFO without a lock
+            if d > 0:
+                try:
+                    await asyncio.sleep(d)
+                except asyncio.CancelledError:
+                    self._req_tat -= self._req_interval  # give the slot back
+                    raise
+                waited += d
+        self.waited += waited
+        return waited
+
+    def record_tokens(self, n: int) -> None:
+        """Charge `n` tokens a stream used against the tokens-per-minute budget."""
+        if not self.tpm or n <= 0:
+            return
+        now = self._clock()
+        self._tok_tat = max(self._tok_tat, now) + n * self._tok_interval
+
+
+# One limiter per pipeline for `stream_request` (the streams of one "session"); the pool's ingest
+# process makes its own and passes it to its handlers.
+_PIPELINE_LIMITERS: "weakref.WeakKeyDictionary[Any, RateLimiter]" = weakref.WeakKeyDictionary()
+
+
+def limiter_for(pipeline: Any, options: HttpOptions) -> RateLimiter | None:
+    """The RateLimiter shared by `pipeline`'s streams, or None when no limit is set."""
+    if not options.rpm and not options.tpm:
+        return None
+    lim = _PIPELINE_LIMITERS.get(pipeline)
+    if lim is None:
+        lim = RateLimiter(options.rpm, options.tpm, burst=options.rate_burst)
+        _PIPELINE_LIMITERS[pipeline] = lim
+    return lim
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def parse_retry_after(headers: Any, now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms` (OpenAI, Anthropic) or `Retry-After` (seconds or an
+    HTTP date, RFC 9110 section 10.2.3); None when absent or unreadable."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            v = float(ms) / 1000.0
+            if v >= 0 and v == v and v != float("inf"):
+                return v
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        v = float(value)
+        return max(0.0, v) if v == v and v != float("inf") else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:  # an HTTP date is always GMT
+        import datetime as _dt
+
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _backoff(options: HttpOptions, n: int) -> float:
+    """Full-jitter wait before retry number n (0-based)."""
+    cap = min(options.backoff_max, options.backoff_base * (2.0**n))
+    return random.uniform(0.0, cap)
+
+
+def _secrets_of(request: Request) -> list[str]:
+    """Secret values of a request (header values and the bare token of `Bearer <token>`), to be
+    scrubbed from anything a server echoes back."""
+    out: list[str] = []
+    for k, v in request.headers.items():
+        if is_secret_header(k) and v:
+            out.append(v)
+            head, _, tail = v.partition(" ")
+            if tail and head.lower() in ("bearer", "basic", "token"):
+                out.append(tail.strip())
+    if "?" in request.url:
+        from urllib.parse import parse_qsl, urlsplit
+
+        out += [v for k, v in parse_qsl(urlsplit(request.url).query) if is_secret_header(k) and v]
+    # Longest first, so a "Bearer x" is replaced whole before its "x"; very short values would
+    # scrub innocent text and cannot be a real key.
+    return sorted({s for s in out if len(s) >= 4}, key=len, reverse=True)
+
+
+def _scrub(text: str, secrets: list[str]) -> str:
+    for s in secrets:
+        if s in text:
+            text = text.replace(s, REDACTED)
+    return text
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, secret-free description of a low-level exception (type and OS message only)."""
+    msg = str(exc)
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _new_parser(max_event_bytes: int, last_event_id: str | None, retry: int | None) -> SseParser:
+    """A parser for a new connection of the same stream. The spec keeps the last event ID buffer
+    and the reconnection time across connections (they belong to the EventSource)."""
+    parser = SseParser(max_event_bytes)
+    if last_event_id is not None or retry is not None:
+        parser.last_event_id = last_event_id
+        parser.retry = retry
+        if hasattr(parser, "_id_buffer"):
+            # NOTE: the "last event ID buffer" survives a reconnect, or the first event of the new
+            # connection without an `id:` line would reset the id to resume from.
+            parser._id_buffer = last_event_id  # type: ignore[attr-defined]
+    return parser
+
+
+# --- the handler --------------------------------------------------------------------------------
+
+
+class HttpStreamHandler:
+    """One HTTP stream: `async for events, read_ns in handler.events()` yields the SSE events of
+    each read with the monotonic time of that read. Raises typed `StreamError`s.
+
+    After `events()` ends normally, `discarded_tail` tells whether the body ended inside an event
+    (for the adapter's completion rule). A drop mid-body with event ids is resumed with
+    `Last-Event-ID`; without ids the events simply end (the adapter reports `truncated`).
+    `close()` (or leaving `async with`) releases the connection on every path.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        request: Request,
+        options: HttpOptions | None = None,
+        *,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.session = session
+        self.request = request
+        self.options = options or HttpOptions()
+        self.max_event_bytes = max_event_bytes
+        self.clock_ns = clock_ns
+        self.limiter = limiter
+        self.attempts = 0  # HTTP requests sent (first, retries, reconnects)
+        self.reconnects = 0  # resume attempts with Last-Event-ID
+        self.bytes_read = 0  # body bytes read, all connections
+        self.status: int | None = None  # status of the last response
+        self.discarded_tail = False
+        self.last_event_id: str | None = None
+        self.retry_ms: int | None = None  # the server's `retry:` (ms), kept across connections
+        self.delivered = False  # whether any event was handed out (no plain re-send after that)
+        self.batch_bytes = 0  # body bytes behind the batch just yielded (reads since the last one)
+        self._response: aiohttp.ClientResponse | None = None
+        self._closed = False
+        self._deadline: float | None = None
+        self._secrets = _secrets_of(request)
+        self._url = _redact_url(request.url)
+
+    def __repr__(self) -> str:
+        return (
+            f"HttpStreamHandler(url={self._url!r}, attempts={self.attempts}, "
+            f"reconnects={self.reconnects}, bytes_read={self.bytes_read})"
+        )
+
+    async def __aenter__(self) -> "HttpStreamHandler":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Release the connection now (mid-stream it is closed, not returned to the pool)."""
+        self._closed = True
+        self._drop_response()
+
+    # -- the stream ------------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[tuple[list[SseEvent], int]]:
+        """Batches of events, one per read that completed any, with the read's monotonic ns."""
+        opts = self.options
+        if opts.total_timeout is not None:
+            self._deadline = time.monotonic() + opts.total_timeout
+        clock = self.clock_ns
+        pending = 0  # bytes read since the last yielded batch (reads of comments, partial events)
+        try:
+            resp = await self._open()
+            while True:
+                parser = _new_parser(self.max_event_bytes, self.last_event_id, self.retry_ms)
+                content = resp.content
+                dropped: BaseException | None = None
+                while True:
+                    try:
+                        chunk = await content.readany()
+                    except asyncio.TimeoutError:
+                        raise self._timeout_error("between reads") from None
+                    except _DROP_ERRORS as exc:
+                        dropped = exc
+                        break
+                    read_ns = clock()
+                    if not chunk:
+                        break
+                    self.bytes_read += len(chunk)
+                    pending += len(chunk)
+                    try:
+                        events = parser.feed(chunk)
+                    except TooLargeError as exc:
+                        done = exc.received if isinstance(exc.received, list) else []
+                        self._note(parser)
+                        if done:
+                            self.delivered = True
+                            self.batch_bytes, pending = pending, 0
+                            yield done, read_ns
+                        raise
+                    # An `id:` block without data moves the last event ID too (spec), so note it
+                    # after every read, not only reads that dispatched events.
+                    self._note(parser)
+                    if events:
+                        self.delivered = True
+                        self.batch_bytes, pending = pending, 0
+                        yield events, read_ns
+                if dropped is None:
+                    # Clean end of the body: never re-requested.
+                    parser.close()
+                    self.discarded_tail = parser.discarded_tail
+                    self._release_response()
+                    return
+                # A drop. The pending partial event of this connection is discarded (the spec's
+                # "incomplete event is not dispatched"), whether or not we resume.
+                parser.close()
+                self._drop_response()
+                if self._closed:
+                    return
+                if not (opts.resume and self.last_event_id and self.reconnects < opts.max_reconnects):
+                    why = "no event id to resume from" if not self.last_event_id else "no reconnects left"
+                    log.info("stream %s dropped mid-body (%s); %s: ending as truncated",
+                             self._url, _describe(dropped), why)
+                    self.discarded_tail = parser.discarded_tail
+                    return
+                log.info("stream %s dropped mid-body (%s); resuming after event id %r",
+                         self._url, _describe(dropped), self.last_event_id)
+                resumed = await self._resume()
+                if resumed is None:
+                    self.discarded_tail = parser.discarded_tail
+                    return
+                resp = resumed
+        finally:
+            # Cancelled, closed by the consumer, failed or done: no connection outlives this.
+            self._drop_response()
+
+    def _note(self, parser: SseParser) -> None:
+        self.last_event_id = parser.last_event_id
+        if parser.retry is not None:
+            self.retry_ms = parser.retry
+
+    # -- opening connections ---------------------------------------------------------------------
+
+    async def _open(self) -> aiohttp.ClientResponse:
+        """The first request, retried on connect errors and retryable statuses before any byte."""
+        opts = self.options
+        n = 0
+        while True:
+            try:
+                return await self._attempt(None)
+            except StreamError as exc:
+                if not self._retryable(exc) or n >= opts.retries:
+                    raise
+                wait = self._retry_wait(exc, n)
+                if wait is None:
+                    raise
+                n += 1
+                log.info("request to %s failed (%s); retry %d of %d in %.2fs",
+                         self._url, exc.message, n, opts.retries, wait)
+                await self._sleep(wait, exc)
+
+    async def _resume(self) -> aiohttp.ClientResponse | None:
+        """Reconnect with Last-Event-ID: after the server's `retry` when it sent one, otherwise at
+        once and then with capped backoff. None when the server answered 204 (stop, per spec)."""
+        opts = self.options
+        while True:
+            n = self.reconnects
+            self.reconnects += 1
+            if self.retry_ms is not None:
+                wait = min(self.retry_ms / 1000.0, opts.max_retry_after)
+            else:
+                wait = 0.0 if n == 0 else _backoff(opts, n - 1)
+            if wait:
+                await self._sleep(wait, None)
+            try:
+                resp = await self._attempt(self.last_event_id)
+            except StreamError as exc:
+                if self._retryable(exc) and self.reconnects < opts.max_reconnects:
+                    log.info("resuming %s failed (%s); trying again", self._url, exc.message)
+                    continue
+                raise
+            if resp.status == 204:
+                # WHATWG: "HTTP 204 No Content ... must prevent the user agent from reconnecting".
+                self._release_response()
+                return None
+            return resp
+
+    async def _attempt(self, last_event_id: str | None) -> aiohttp.ClientResponse:
+        """One request; a 2xx response (headers read), or a typed StreamError."""
+        if self._closed:
+            raise CancelledStreamError(f"stream to {self._url} was closed")
+        if self.limiter is not None:
+            await self.limiter.acquire()
+        self._check_deadline()
+        req = self.request
+        headers = req.headers
+        if last_event_id:
+            headers = dict(headers)
+            headers["Last-Event-ID"] = last_event_id
+        self.attempts += 1
+        try:
+            resp = await self.session.request(
+                req.method,
+                req.url,
+                headers=headers,
+                data=req.body or None,
+                timeout=self._client_timeout(),
+                # Not followed: aiohttp would carry x-api-key style headers to another host, and
+                # no provider streams from behind a redirect. A 3xx is reported as an HTTP error.
+                allow_redirects=False,
+            )
+        except asyncio.TimeoutError as exc:
+            if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                raise StreamError(f"connect to {self._url} timed out after {self.options.connect_timeout}s",
+                                  kind="connect") from None
+            raise self._timeout_error("waiting for the response headers") from None
+        except aiohttp.ClientConnectionError as exc:
+            # Refused, reset, DNS, TLS, or the server closed before answering.
+            raise StreamError(f"could not connect to {self._url}: {_scrub(_describe(exc), self._secrets)}",
+                              kind="connect") from None
+        except aiohttp.ClientResponseError as exc:
+            # The server answered something that is not HTTP: retrying the same server won't help.
+            raise StreamError(f"bad response from {self._url}: {_scrub(_describe(exc), self._secrets)}",
+                              kind="malformed") from None
+        except aiohttp.ClientError as exc:
+            # A bad URL and the like: retrying cannot help.
+            raise StreamError(f"request to {self._url} failed: {_scrub(_describe(exc), self._secrets)}",
+                              kind="connect", retryable=False) from None
+        self._response = resp
+        self.status = resp.status
+        if not 200 <= resp.status < 300:
+            raise await self._status_error(resp)
+        if resp.content_type == "application/json":
+            # A JSON document where an event stream was asked for: a proxy's or provider's error
+            # sent with 200, or a server that ignored the stream flag. Reported with its body.
+            raise await self._not_a_stream(resp)
+        return resp
+
+    async def _read_bounded(self, resp: aiohttp.ClientResponse) -> str:
+        """Up to max_error_body bytes of a body, decoded, with secrets scrubbed out."""
+        limit = self.options.max_error_body
+        body = b""
+        try:
+            while len(body) < limit:
+                piece = await resp.content.read(limit - len(body))
+                if not piece:
+                    break
+                body += piece
+        except (asyncio.TimeoutError, aiohttp.ClientError, ConnectionError):
+            pass  # the status alone is enough; the body is a courtesy
+        return _scrub(body.decode("utf-8", "replace"), self._secrets)
+
+    async def _not_a_stream(self, resp: aiohttp.ClientResponse) -> StreamError:
+        text = await self._read_bounded(resp)
+        self._drop_response()
+        try:
+            doc = msgspec.json.decode(text)
+        except msgspec.DecodeError:
+            doc = None
+        kind = "provider" if isinstance(doc, dict) and "error" in doc else "malformed"
+        return StreamError(f"expected an event stream from {self._url}, got application/json: {text}",
+                           kind=kind, http_status=resp.status, retryable=False, received=text)
+
+    async def _status_error(self, resp: aiohttp.ClientResponse) -> HttpStatusError:
+        """The typed error for a status >= 300 (body read up to max_error_body, then released)."""
+        text = await self._read_bounded(resp)
+        retry_after = parse_retry_after(resp.headers)
+        should_retry = resp.headers.get("x-should-retry")
+        self._drop_response()
+        status = resp.status
+        kind = "rate_limited" if status == 429 else "http"
+        retryable = status in RETRY_STATUSES or status >= 500
+        if should_retry in ("true", "false"):  # the server's own word wins (OpenAI, Anthropic)
+            retryable = should_retry == "true"
+        reason = resp.reason or ""
+        msg = f"HTTP {status} {reason} from {self._url}".rstrip()
+        if text:
+            msg += f": {text}"
+        return HttpStatusError(msg, kind=kind, http_status=status, retry_after=retry_after,
+                               retryable=retryable, received=text)
+
+    def _retryable(self, exc: StreamError) -> bool:
+        if isinstance(exc, HttpStatusError):
+            return exc.retryable
+        return exc.kind == "connect" and exc.retryable
+
+    def _retry_wait(self, exc: StreamError, n: int) -> float | None:
+        """Seconds before retry n, or None when the server asks for more than we wait out."""
+        opts = self.options
+        if exc.retry_after is not None:
+            if exc.retry_after > opts.max_retry_after:
+                return None
+            return exc.retry_after
+        return _backoff(opts, n)
+
+    # -- timeouts and cleanup ----------------------------------------------------------------------
+
+    def _client_timeout(self) -> aiohttp.ClientTimeout:
+        opts = self.options
+        total = None
+        if self._deadline is not None:
+            total = max(0.001, self._deadline - time.monotonic())
+        return aiohttp.ClientTimeout(
+            total=total,
+            connect=None,  # not pool waits: a busy pool is backpressure, not a dead host
+            sock_connect=opts.connect_timeout,
+            sock_read=opts.idle_timeout,
+        )
+
+    def _check_deadline(self) -> None:
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            raise StreamTimeoutError(
+                f"stream to {self._url} exceeded total_timeout={self.options.total_timeout}s", kind="timeout"
+            )
+
+    def _timeout_error(self, where: str) -> StreamTimeoutError:
+        if self._deadline is not None and time.monotonic() >= self._deadline - 0.005:
+            return StreamTimeoutError(
+                f"stream to {self._url} exceeded total_timeout={self.options.total_timeout}s", kind="timeout"
+            )
+        return StreamTimeoutError(
+            f"no bytes from {self._url} for idle_timeout={self.options.idle_timeout}s {where}",
+            kind="idle_timeout",
+        )
+
+    async def _sleep(self, seconds: float, cause: StreamError | None) -> None:
+        """Sleep before a retry, unless that would pass the total deadline (then raise)."""
+        if self._deadline is not None and time.monotonic() + seconds >= self._deadline:
+            if cause is not None:
+                raise cause
+            self._check_deadline()
+            seconds = max(0.0, self._deadline - time.monotonic())
+        await asyncio.sleep(seconds)
+
+    def _release_response(self) -> None:
+        resp, self._response = self._response, None
+        if resp is not None:
+            resp.release()
+
+    def _drop_response(self) -> None:
+        resp, self._response = self._response, None
+        if resp is not None:
+            resp.close()
+
+
+# --- one stream in this process -----------------------------------------------------------------
+
+
+class HttpTokenStream:
+    """Async iterator of one HTTP stream's tokens (or a Replay's); `result` once exhausted.
+
+    Also exposes the handler's `attempts`, `reconnects` and `bytes_read` after the run.
+    """
+
+    def __init__(self, pipeline: Any, source: Request | Replay, *, session: aiohttp.ClientSession | None = None,
+                 limiter: RateLimiter | None = None, stream_id: int = 0) -> None:
+        self._pipeline = pipeline
+        self._source = source
+        self._session = session
+        self.options = HttpOptions.from_dict(getattr(pipeline, "http_options", None))
+        self._limiter = limiter if limiter is not None else limiter_for(pipeline, self.options)
+        self._stream_id = stream_id
+        self._gen: AsyncIterator[StreamToken] | None = None
+        self.result: StreamResult | None = None
+        self.attempts = 0
+        self.reconnects = 0
+        self.bytes_read = 0
+
+    def __aiter__(self) -> AsyncIterator[StreamToken]:
+        if self._gen is None:
+            self._gen = self._run()
+        return self._gen
+
+    async def aclose(self) -> None:
+        """Stop the stream now and release its connection."""
+        if self._gen is not None:
+            await self._gen.aclose()  # type: ignore[attr-defined]
+
+    async def collect(self) -> StreamResult:
+        """Run the stream to its end; its StreamResult."""
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    async def _run(self) -> AsyncIterator[StreamToken]:
+        source = self._source
+        if isinstance(source, Replay):
+            async for tok in self._run_replay(source):
+                yield tok
+            return
+        pipeline = self._pipeline
+        clock = pipeline.clock_ns
+        session = pipeline.open_stream(self._stream_id, dialect=source.dialect, start_ns=clock())
+        own = self._session is None
+        http = self._session or aiohttp.ClientSession()
+        handler = HttpStreamHandler(http, source, self.options, max_event_bytes=pipeline.max_event_bytes,
+                                    clock_ns=clock, limiter=self._limiter)
+        reader = bounded_read_ahead(_sized_batches(handler), pipeline.new_backpressure())
+        try:
+            try:
+                async for batch in reader:
+                    for tok in session.process_events(batch.events, batch.read_ns, batch.nbytes):
+                        yield tok
+                    if session.finished or session.stop_requested:
+                        break
+            except StreamError as exc:
+                await reader.aclose()
+                await handler.close()
+                for tok in session.fail(_error_token(exc)):
+                    yield tok
+            # Stopped early or ended: free the connection before finishing the stream's result.
+            await reader.aclose()
+            await handler.close()
+            if not session.finished:
+                for tok in session.close(clock(), discarded_tail=handler.discarded_tail):
+                    yield tok
+        finally:
+            await reader.aclose()
+            await handler.close()
+            if own:
+                await http.close()
+            self.attempts, self.reconnects, self.bytes_read = handler.attempts, handler.reconnects, handler.bytes_read
+        self._finish(session.result)
+
+    async def _run_replay(self, replay: Replay) -> AsyncIterator[StreamToken]:
+        pipeline = self._pipeline
+        clock = pipeline.clock_ns
+        session = pipeline.open_stream(self._stream_id, dialect=replay.provider, start_ns=clock())
+        chunks = replay.achunks()
+        try:
+            async for chunk in chunks:
+                self.bytes_read += len(chunk)
+                for tok in session.process_chunk(chunk, clock()):
+                    yield tok
+                if session.finished or session.stop_requested:
+                    break
+            for tok in session.close(clock()):
+                yield tok
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        self._finish(session.result)
+
+    def _finish(self, result: StreamResult | None) -> None:
+        if result is None:
+            return
+        if getattr(self._source, "custom_id", None) is not None:
+            result.custom_id = self._source.custom_id
+        if self._limiter is not None and result.usage is not None and result.usage.output_tokens:
+            self._limiter.record_tokens(result.usage.output_tokens)
+        self.result = result
+
+
+def _error_token(exc: StreamError) -> Error:
+    """The Error token for a raised StreamError; an error response keeps the provider's body as
+    `detail` (parsed JSON when it is JSON)."""
+    err = Error.from_exception(exc)
+    if isinstance(exc.received, str) and exc.received:
+        try:
+            err.detail = msgspec.json.decode(exc.received)
+        except msgspec.DecodeError:
+            err.detail = exc.received
+    return err
+
+
+class _Batch:
+    """One read's events as an item of the read-ahead queue, sized by the bytes behind it (what
+    the BackpressureController counts)."""
+
+    __slots__ = ("events", "read_ns", "nbytes")
+
+    def __init__(self, events: list[SseEvent], read_ns: int, nbytes: int) -> None:
+        self.events = events
+        self.read_ns = read_ns
+        self.nbytes = nbytes
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
+async def _sized_batches(handler: HttpStreamHandler) -> AsyncIterator[_Batch]:
+    events_iter = handler.events()
+    try:
+        async for events, read_ns in events_iter:
+            yield _Batch(events, read_ns, handler.batch_bytes)
+    finally:
+        await events_iter.aclose()  # type: ignore[attr-defined]
+
+
+def stream_request(pipeline: Any, request: Request | Replay, *, session: aiohttp.ClientSession | None = None,
+                   limiter: RateLimiter | None = None, stream_id: int = 0) -> HttpTokenStream:
+    """Async iterator of StreamTokens for one HTTP stream (or Replay) in this process; its
+    `.result` is set once exhausted. Pass `session=` to reuse an aiohttp ClientSession."""
+    if not isinstance(request, (Request, Replay)):
+        raise TypeError(f"stream_request takes a Request or a Replay, not {type(request).__name__}")
+    return HttpTokenStream(pipeline, request, session=session, limiter=limiter, stream_id=stream_id)
