@@ -1,0 +1,1 @@
+"""The mock provider's private modules; the public API is `pipeline.testing`."""
