@@ -1,0 +1,225 @@
+"""The worker process: event records in from its ingest rings, the per-stream pipeline logic
+(`StreamSession`, the same class the in-process pipeline uses), token batches and results out.
+
+Replay after a crash (DESIGN.md section 5): a replacement worker starts on the same rings and the
+ingest re-sends each open stream's log from its StreamOpen. Records carry per-stream sequence
+numbers, so this worker drops what it cannot use (batches of a stream it never saw open, and
+batches it already processed) and, processing the same batches in the same order, produces the
+same outputs with the same sequence numbers: the caller drops the ones it already delivered.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import msgspec
+
+from pipeline.core import StreamingPipeline, StreamSession
+from pipeline.sse import SseEvent
+from pipeline.tokens import Error
+from shm.multiwait import closed_and_drained, wait_any
+from shm.records import (
+    KIND_END,
+    KIND_EVENTS,
+    KIND_OPEN,
+    KIND_OUTPUT,
+    OP_STOP,
+    Control,
+    RecordCodec,
+    release_views,
+)
+from shm.ring import Ring, RingClosedError, RingHandle
+
+from .protocol import (
+    FINAL_SEQ,
+    OP_QUEUE_DELAY,
+    OUT_RESULT,
+    OUT_TOKENS,
+    ResultOut,
+    TokensOut,
+    options_decoder,
+)
+
+# How often a worker tells each ingest its queue delay (the ingest's backpressure input).
+_DELAY_REPORT_NS = 20_000_000
+
+
+class _Stream:
+    __slots__ = ("session", "ingest", "want_tokens", "next_seq", "out_seq", "generic")
+
+    def __init__(self, session: StreamSession, ingest: int, want_tokens: bool, generic: bool) -> None:
+        self.session = session
+        self.ingest = ingest
+        self.want_tokens = want_tokens
+        self.next_seq = 0
+        self.out_seq = 0
+        self.generic = generic
+
+
+class WorkerCore:
+    """Transport-free heart of a worker: records in, output envelopes and controls out."""
+
+    def __init__(self, pipeline: StreamingPipeline) -> None:
+        self.pipeline = pipeline
+        self.streams: dict[int, _Stream] = {}
+        self.outputs: list[tuple[int, bytes]] = []  # (entry kind, payload) for the output ring
+        self.controls: list[list[Control]] = []  # per ingest
+        self._encode = msgspec.msgpack.Encoder().encode
+        self.max_delay_ns = 0
+
+    def on_open(self, rec, ingest: int) -> None:
+        sid = rec.stream_id
+        if sid in self.streams:
+            return  # a replayed open of a stream we already have
+        opts = options_decoder.decode(rec.options)
+        dialect = opts.dialect or rec.dialect or self.pipeline.dialect
+        session = self.pipeline.open_stream(sid, dialect, opts.start_ns or None)
+        self.streams[sid] = _Stream(session, ingest, opts.want_tokens, dialect == "sse-generic")
+
+    def on_events(self, rec) -> None:
+        st = self.streams.get(rec.stream_id)
+        if st is None or rec.seq != st.next_seq:
+            return  # never opened here (it will be replayed) or already processed
+        st.next_seq += 1
+        read_ns = rec.read_time_ns
+        delay = time.monotonic_ns() - read_ns
+        if delay > self.max_delay_ns:
+            self.max_delay_ns = delay
+        if st.generic:
+            # RawEvent tokens keep the data: copy it out of the ring before the space is reused.
+            events = [SseEvent(e.type, bytes(e.data), e.id, None) for e in rec.events]
+        else:
+            events = [SseEvent(e.type, e.data, e.id, None) for e in rec.events]
+        tokens = st.session.process_events(events, read_ns)
+        self._emit(rec.stream_id, st, tokens)
+
+    def on_end(self, rec) -> None:
+        sid = rec.stream_id
+        st = self.streams.get(sid)
+        if st is None:
+            if rec.error_kind == "worker_crashed":
+                # The ingest could not replay this stream to us: end it for the caller.
+                err = Error.of("worker_crashed", rec.error or "worker crashed and the stream's log overflowed")
+                session = self.pipeline.open_stream(sid)
+                session.fail(err)
+                self.outputs.append((KIND_OUTPUT, self._encode(ResultOut(sid, FINAL_SEQ, OUT_RESULT, session.result))))
+            return
+        if rec.seq != st.next_seq:
+            return
+        st.next_seq += 1
+        session = st.session
+        if rec.reason == "eof" or rec.reason == "eof-tail":
+            tokens = session.close(time.monotonic_ns(), discarded_tail=rec.reason == "eof-tail")
+        else:
+            err = Error.of(
+                rec.error_kind or "malformed",
+                rec.error or rec.reason,
+                http_status=rec.status,
+                retry_after=getattr(rec, "retry_after", None),
+            )
+            tokens = session.fail(err)
+            tokens += session.close()
+        self._emit(sid, st, tokens)
+
+    def _emit(self, sid: int, st: _Stream, tokens: list) -> None:
+        if tokens and st.want_tokens:
+            self.outputs.append((KIND_OUTPUT, self._encode(TokensOut(sid, st.out_seq, OUT_TOKENS, tokens))))
+            st.out_seq += 1
+        session = st.session
+        if session.finished:
+            result = session.result
+            self.outputs.append((KIND_OUTPUT, self._encode(ResultOut(sid, st.out_seq, OUT_RESULT, result))))
+            del self.streams[sid]
+            # Tells the ingest the stream is done here: it stops reading (a stop sequence fired
+            # early) and drops the stream's replay log.
+            self.controls[st.ingest].append(Control(OP_STOP, sid))
+        elif session.stop_requested:
+            self.controls[st.ingest].append(Control(OP_STOP, sid))
+
+
+def worker_main(
+    index: int,
+    pipeline: StreamingPipeline,
+    event_handles: list[RingHandle],
+    control_handles: list[RingHandle],
+    output_handle: RingHandle,
+) -> None:
+    """Process entry point of worker `index`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides when we stop
+    parent = multiprocessing.parent_process()
+    parent_sentinel = parent.sentinel if parent is not None else None
+    event_rings = [Ring.attach(h) for h in event_handles]
+    control_rings = [Ring.attach(h) for h in control_handles]
+    output_ring = Ring.attach(output_handle)
+    try:
+        _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel)
+    finally:
+        for ring in event_rings + control_rings + [output_ring]:
+            ring.close()
+
+
+def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) -> None:
+    core = WorkerCore(pipeline)
+    core.controls = [[] for _ in event_rings]
+    codec = RecordCodec()
+    decode = codec.decode
+    encode_bytes = codec.encode_bytes
+    on_events, on_end, on_open = core.on_events, core.on_end, core.on_open
+    open_rings = list(range(len(event_rings)))
+    last_report = time.monotonic_ns()
+    sentinels = [parent_sentinel] if parent_sentinel is not None else []
+    while open_rings:
+        got = False
+        for j in list(open_rings):
+            ring = event_rings[j]
+            entries = ring.read_available()
+            if not entries:
+                continue
+            got = True
+            for kind, view in entries:
+                rec = decode(kind, view)
+                if kind == KIND_EVENTS:
+                    on_events(rec)
+                elif kind == KIND_OPEN:
+                    on_open(rec, j)
+                elif kind == KIND_END:
+                    on_end(rec)
+                release_views(rec)
+            del entries, view, rec  # no view into the ring may outlive release()
+            ring.release()
+        if core.outputs:
+            _write_all(output_ring, core.outputs, parent_sentinel)
+            core.outputs.clear()
+        now = time.monotonic_ns()
+        if now - last_report > _DELAY_REPORT_NS and got:
+            last_report = now
+            delay_us = core.max_delay_ns // 1000
+            core.max_delay_ns = 0
+            for ctl in core.controls:
+                ctl.append(Control(OP_QUEUE_DELAY, delay_us))
+        for j, ctl in enumerate(core.controls):
+            if ctl:
+                _write_all(control_rings[j], [encode_bytes(c) for c in ctl], parent_sentinel)
+                ctl.clear()
+        if not got:
+            try:
+                fired = wait_any([event_rings[j] for j in open_rings], 1.0, sentinels)
+            except RingClosedError:
+                fired = []
+            if fired:
+                return  # the caller died: nothing to deliver to
+            open_rings = [j for j in open_rings if not closed_and_drained(event_rings[j])]
+
+
+def _write_all(ring: Ring, items: list[tuple[int, bytes]], parent_sentinel) -> None:
+    """Write every item, publishing in batches; waits for room (never past the caller's death:
+    the ring raises PeerDiedError then)."""
+    start = 0
+    n = len(items)
+    while start < n:
+        start += ring.try_write_batch(items, start)
+        if start < n and ring.write(items[start][0], items[start][1], timeout=1.0, peer_sentinel=parent_sentinel):
+            start += 1
