@@ -364,8 +364,15 @@ class StreamingPipeline:
         """This process's merged metrics of finished streams (None when metrics are off)."""
         return None if self.registry is None else self.registry.snapshot()
 
-    def pool(self, workers: int | None = None, ingest: int = 1, **options: Any) -> Any:
-        """A multiprocess pool running this pipeline (a context manager)."""
+    def pool(self, workers: int | None = None, ingest: int = 1, *, backend: str = "local", **options: Any) -> Any:
+        """A multiprocess pool running this pipeline (a context manager). `backend="ray"` runs
+        one pool per node of a Ray cluster (`address=...`; needs the `streamring[ray]` extra)."""
+        if backend == "ray":
+            from workers.ray_backend import RayPool
+
+            return RayPool(self, workers=workers, ingest=ingest, **options)
+        if backend != "local":
+            raise ConfigurationError(f"unknown pool backend {backend!r}; use 'local' or 'ray'")
         from workers.pool import Pool
 
         return Pool(self, workers=workers, ingest=ingest, **options)
