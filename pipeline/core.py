@@ -188,6 +188,8 @@ class StreamSession:
             return tokens
         if self._decoder is not None:
             tokens = self._decode_ids(tokens)
+        # Metrics count what the provider sent, before transformers hold back or split text.
+        self._metrics.on_tokens(tokens, read_ns)
         try:
             out = self._chain.process(tokens)
         except Exception as exc:  # a failing user transformer ends only this stream
@@ -195,8 +197,6 @@ class StreamSession:
             self._chain.ended = True
             self._accumulator.observe_batch([err])
             out = [err]
-        if out:
-            self._metrics.on_tokens(out, read_ns)
         if self._chain.ended:
             self._finalize(read_ns)
         return out
@@ -254,7 +254,9 @@ class TokenStream:
     async def _run(self) -> AsyncIterator[StreamToken]:
         session = self._pipeline.open_stream()
         clock = self._pipeline.clock_ns
-        source = _as_async(self._chunks)
+        chunks = self._chunks
+        # An async source is read directly, so closing the reader closes it (its finally runs).
+        source = chunks if hasattr(chunks, "__aiter__") else _as_async(chunks)
         controller = self._pipeline.new_backpressure()
         reader = bounded_read_ahead(source, controller)
         try:

@@ -65,7 +65,8 @@ class TgiGenerateAdapter(Adapter):
             self._end(out, error_token(self.dialect, err))
             return
         tok = e.token
-        if tok is not None and tok.text and not tok.special:
+        # An empty text is a token that ends inside a UTF-8 character: its id still matters.
+        if tok is not None and not tok.special and (tok.text or tok.id is not None):
             entry = {"id": tok.id, "text": tok.text, "logprob": tok.logprob, "special": tok.special}
             out.append(Delta(tok.text, 0, [entry], None if tok.id is None else [tok.id]))
         if e.generated_text is not None:
