@@ -168,6 +168,7 @@ def _run_streams(
     in_process: bool,
     progress: Progress,
     on_result: Callable[[Any], None],
+    ray_address: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run `sources` through the pool (or in this process), calling `on_result` per finished
     stream (its `source_index` is the position in `sources`); returns the merged metrics summary."""
@@ -184,6 +185,9 @@ def _run_streams(
         opts: dict[str, Any] = {"workers": workers or _default_workers(), "ingest": ingest}
         if concurrency:
             opts["concurrency"] = concurrency
+        if ray_address:
+            # One local pool per node; --workers is then per node (default: node CPUs - ingest).
+            opts.update(backend="ray", address=ray_address, workers=workers)
         with pipe.pool(**opts) as pool:
             for result in pool.run(counted()):
                 progress.on_result(result)
@@ -441,6 +445,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         metrics = _run_streams(pipe, sources, workers=args.workers, ingest=args.ingest or 1,
                                concurrency=args.concurrency, in_process=in_process, progress=progress,
+                               ray_address=args.ray,
                                on_result=on_result)
     finally:
         progress.close()
@@ -1071,6 +1076,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="skip requests whose custom_id (else line) already has a successful row in -o FILE")
     run.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     run.add_argument("--in-process", action="store_true", help="run in this process (asyncio) instead of the pool")
+    run.add_argument("--ray", metavar="ADDRESS",
+                     help="run one pool per node of this Ray cluster (e.g. auto, ray://head:10001; "
+                          "needs streamring[ray]); --concurrency and --workers are then per node")
     _add_common(run)
     run.set_defaults(func=cmd_run)
 

@@ -224,6 +224,28 @@ def test_run_carries_mock_provider_streams(pool, mock):
         assert r.text == cases[r.source_index][1]
 
 
+def test_cli_run_with_ray_address_writes_one_row_per_request(ray_cluster, mock, tmp_path):
+    import hashlib
+    import json
+
+    from pipeline.cli import main
+
+    requests = tmp_path / "requests.jsonl"
+    lines = [{"custom_id": f"r{i}", "messages": [{"role": "user", "content": f"say {i}"}], "max_tokens": 12 + i}
+             for i in range(6)]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "rows.jsonl"
+    code = main(["run", str(requests), "--provider", "openai-chat", "--base-url", mock.base_url("openai-chat"),
+                 "--model", "m", "--workers", "1", "--ray", "auto", "-o", str(out), "--quiet"])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == [f"r{i}" for i in range(6)]
+    sent = {log.text_sha256 for log in mock.streams()}
+    for row in rows:
+        assert row["error"] is None
+        assert hashlib.sha256(row["text"].encode()).hexdigest() in sent
+
+
 async def test_astream_delivers_every_token_once_and_one_terminal_per_stream(pool, mock):
     replays = [replay_case(i) for i in range(8)]
     https = [mock_request(mock, 50 + i) for i in range(8)]
