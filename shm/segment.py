@@ -47,6 +47,12 @@ _NAME_RE = re.compile(r"^streamring-(\d+)-(\d+)-([0-9a-f]{16})$")
 _GUARDIAN_CODE = r"""
 import os, select, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
+# Detach from the owner (double fork): a supervisor that kills an owner's children (Ray does, by
+# parent pid) must not take the guardian down with it. The owner learns our pid from stdout.
+if os.fork() > 0:
+    os._exit(0)
+os.write(1, b"%d\n" % os.getpid())
+os.close(1)
 owner = int(sys.argv[1]); shm = sys.argv[2]
 names = set(); buf = b""
 try:
@@ -130,18 +136,24 @@ class _Guardian:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._pid = 0  # the owner pid the guardian watches (a forked child needs its own)
+        self._gpid: int | None = None  # the guardian's own pid (it is not our child)
 
     def _ensure(self) -> subprocess.Popen:
         pid = os.getpid()
         if self._proc is None or self._pid != pid:
-            self._proc = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE, str(pid), SHM_DIR],
                 stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 close_fds=True,
                 start_new_session=True,  # out of the terminal's process group: Ctrl-C skips it
             )
+            line = proc.stdout.readline()
+            proc.stdout.close()
+            proc.wait()  # the intermediate process of the double fork
+            self._gpid = int(line) if line.strip() else None
+            self._proc = proc
             self._pid = pid
         return self._proc
 
@@ -170,7 +182,7 @@ class _Guardian:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._gpid if self._proc is not None else None
 
 
 _guardian = _Guardian()

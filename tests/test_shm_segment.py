@@ -249,3 +249,28 @@ def _maps(pid: int, name: str) -> bool:
             return name in f.read()
     except FileNotFoundError:
         return False
+
+
+def test_guardian_is_not_a_child_of_the_owner_and_survives_its_children_being_killed():
+    # Supervisors such as Ray kill a dead worker's children by parent pid; the guardian must not
+    # be among them, or the segments it should unlink would leak.
+    code = r"""
+import os, signal, sys, time
+import psutil
+from shm.segment import Segment, guardian_pid
+seg = Segment.create(4096)
+g = guardian_pid()
+kids = {p.pid for p in psutil.Process().children(recursive=True)}
+print(seg.name, g, g in kids, flush=True)
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    name, gpid, is_child = proc.stdout.split()
+    assert is_child == "False"
+    deadline = time.monotonic() + 10
+    while (Path("/dev/shm") / name).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (Path("/dev/shm") / name).exists(), "the guardian did not unlink the killed owner's segment"
