@@ -527,25 +527,26 @@ def test_record_an_http_error_saves_nothing_and_exits_1(tmp_path, mock):
 
 def test_verify_reports_a_split_dependent_pipeline(tmp_path, monkeypatch, capsys):
     from pipeline import cli as cli_mod
+    from pipeline.cli import recordings  # where verify_recording looks _run_chunks up
 
     sse = tmp_path / "s.sse"
     events = [json.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]})
               for w in ("one", " two", " three")]
     events.append(json.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
     sse.write_bytes(b"".join(f"data: {e}\n\n".encode() for e in events) + b"data: [DONE]\n\n")
-    real = cli_mod._run_chunks
+    real = recordings._run_chunks
 
     def lossy(pipe, chunks):
         # A bug that only shows when a read is split: the first byte of every later read is lost.
         chunks = list(chunks)
         return real(pipe, chunks[:1] + [c[1:] for c in chunks[1:]])
 
-    monkeypatch.setattr(cli_mod, "_run_chunks", lossy)
+    monkeypatch.setattr(recordings, "_run_chunks", lossy)
     assert cli_mod.main(["verify", str(sse), "--splits", "20", "--quiet"]) == 3
     report = json.loads(capsys.readouterr().out)
     assert report["consistent"] is False
     assert report["mismatches"]
-    monkeypatch.setattr(cli_mod, "_run_chunks", real)
+    monkeypatch.setattr(recordings, "_run_chunks", real)
     assert cli_mod.main(["verify", str(sse), "--splits", "20", "--quiet"]) == 0
 
 
