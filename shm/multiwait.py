@@ -113,3 +113,34 @@ async def wait_any_async(rings: Sequence[Ring], timeout: float | None = None, se
             ring._hq[_I_CWAIT] = 0
         for fd in fds:
             loop.remove_reader(fd)
+
+
+# --- a producer waiting for room from an event loop ---------------------------------------------
+
+
+def park_producer(ring: Ring) -> bool:
+    """Ask to be woken (through `ring.space_fd()`'s doorbell, see `space_fd`) when the consumer
+    releases room. Sets the producer-waiting flag and fences; returns False when room already
+    appeared since the producer last looked (no need to wait). Undo with `unpark_producer`.
+
+    The same Dekker step as `Ring._park`; the consumer's release does not fence, so a waiter
+    must also re-check after a short timer (the ring's `_RECHECK_S`)."""
+    from .ring import _I_HEAD, _I_PWAIT
+
+    hq = ring._hq
+    hq[_I_PWAIT] = 1
+    _fence()
+    return hq[_I_HEAD] == ring._phead
+
+
+def unpark_producer(ring: Ring) -> None:
+    """Clear the producer-waiting flag and drain the space doorbell."""
+    from .ring import _I_PWAIT
+
+    ring._hq[_I_PWAIT] = 0
+    ring._space_bell.drain()
+
+
+def space_fd(ring: Ring) -> int:
+    """The fd that becomes readable when a parked producer's consumer releases room."""
+    return ring._space_fd

@@ -34,7 +34,6 @@ from shm.records import (
     OP_CANCEL,
     OP_SHUTDOWN,
     Control,
-    Output,
     RecordCodec,
     Source,
     StreamOpen,
@@ -43,12 +42,16 @@ from shm.ring import DEFAULT_CAPACITY, Ring, check_platform
 from shm.segment import cleanup_stale_segments
 
 from .protocol import (
+    KIND_PART,
     OP_WORKER_RESTARTED,
     OUT_RESULT,
     OUT_TOKENS,
+    PartAssembler,
     StreamOptions,
+    envelope_decoder,
     options_encoder,
     result_payload_decoder,
+    ring_items,
     tokens_payload_decoder,
 )
 
@@ -186,6 +189,7 @@ class Pool:
         replay_log_bytes: int = DEFAULT_REPLAY_LOG_BYTES,
         start_method: str = "forkserver",
         respawn: bool = True,
+        track_latency: bool = False,
     ) -> None:
         if workers is None:
             workers = max(1, (os.cpu_count() or 2) - ingest)
@@ -213,12 +217,16 @@ class Pool:
         self._streams: dict[int, _CallerStream] = {}
         self._ids = itertools.count(0)
         self._codec = RecordCodec()
-        self._out_decode = msgspec.msgpack.Decoder(Output).decode
         self._started = False
         self._closed = False
         self._broken: PoolBrokenError | None = None
         self._ctx: Any = None
-        self._pending_controls: list[deque] = []
+        # Per ingest: ring items (opens, their continuation parts, controls) in the order they
+        # must reach the submission ring; a payload's parts are never interleaved with others.
+        self._sub_queues: list[deque] = []
+        self._out_parts: list[PartAssembler] = []
+        # Read-to-caller latency probes (ns per token batch) when `track_latency` is on.
+        self.latencies_ns: list[int] | None = [] if track_latency else None
 
     # --- life cycle --------------------------------------------------------------------------
 
@@ -244,7 +252,8 @@ class Pool:
             # Controls are a few bytes each: a small ring is plenty.
             self._controls = [[self._ring(max(16384, cap // 16)) for _ in range(K)] for _ in range(I)]
             self._outputs = [self._ring(cap) for _ in range(K)]
-            self._pending_controls = [deque() for _ in range(I)]
+            self._sub_queues = [deque() for _ in range(I)]
+            self._out_parts = [PartAssembler() for _ in range(K)]
             ctx = multiprocessing.get_context(self.start_method)
             if self.start_method == "forkserver":
                 ctx.set_forkserver_preload(["workers.worker", "workers.ingest"])
@@ -272,6 +281,7 @@ class Pool:
                 [self._events[j][k].handle() for j in range(self.ingest)],
                 [self._controls[j][k].handle() for j in range(self.ingest)],
                 self._outputs[k].handle(),
+                os.getpid(),
             ),
             daemon=True,
         )
@@ -291,6 +301,8 @@ class Pool:
                 [self._events[j][k].handle() for k in range(self.workers)],
                 [self._controls[j][k].handle() for k in range(self.workers)],
                 self.replay_log_bytes,
+                self.ingest,
+                os.getpid(),
             ),
             daemon=True,
         )
@@ -304,9 +316,18 @@ class Pool:
         self._closed = True
         procs = self._ingest_procs + self._worker_procs
         try:
-            for ring in self._sub:
-                ring.try_write(*self._codec.encode(Control(OP_SHUTDOWN)))
+            for j, ring in enumerate(self._sub):
+                # Half-sent parts of a large open would swallow the shutdown: close the ring
+                # instead (the ingest stops on either).
+                if not self._sub_queues or not self._sub_queues[j]:
+                    ring.try_write(*self._codec.encode(Control(OP_SHUTDOWN)))
                 ring.close_producer()
+            for j, p in enumerate(self._ingest_procs):
+                if not p.is_alive():
+                    # A dead ingest never closes its event rings: do it for it, so its workers
+                    # see the end instead of waiting out the grace period.
+                    for ring in self._events[j]:
+                        ring.close_producer()
             deadline = time.monotonic() + _STOP_GRACE_S
             while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
                 # Keep draining outputs: a worker blocked on a full output ring could not exit.
@@ -366,15 +387,21 @@ class Pool:
                          msgspec.Raw(options_encoder.encode(opts)))
         self._streams[sid] = st
         kind, payload = self._codec.encode_bytes(rec)
-        ring = self._sub[j]
-        while not ring.try_write(kind, payload):
-            if len(payload) > ring.max_entry_payload and ring.occupancy == 0:
-                ring.write(kind, payload)
-                break
+        q = self._sub_queues[j]
+        q.extend(ring_items(kind, payload, self._sub[j].max_entry_payload))
+        while not self._flush_sub(j):
             # The ingest is busy: deliver outputs meanwhile (a worker may be waiting on us).
             self._pump(block=True, timeout=0.005)
             self._check()
         return st
+
+    def _flush_sub(self, j: int) -> bool:
+        """Write what is queued for ingest j; True when nothing is left."""
+        q = self._sub_queues[j]
+        ring = self._sub[j]
+        while q and ring.try_write(*q[0]):
+            q.popleft()
+        return not q
 
     def submit(self, source: Request | Replay) -> StreamHandle:
         """Start one stream now (a gateway's pool); its tokens arrive through the handle."""
@@ -388,12 +415,8 @@ class Pool:
         self._send_control(st.ingest, Control(OP_CANCEL, st.sid))
 
     def _send_control(self, j: int, control: Control) -> None:
-        kind, payload = self._codec.encode_bytes(control)
-        q = self._pending_controls[j]
-        q.append((kind, payload))
-        ring = self._sub[j]
-        while q and ring.try_write(*q[0]):
-            q.popleft()
+        self._sub_queues[j].append(self._codec.encode_bytes(control))
+        self._flush_sub(j)
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -421,20 +444,32 @@ class Pool:
         return [p.sentinel for p in self._ingest_procs + self._worker_procs]
 
     def _drain(self) -> int:
-        for j, q in enumerate(self._pending_controls):
-            while q and self._sub[j].try_write(*q[0]):
-                q.popleft()
+        for j, q in enumerate(self._sub_queues):
+            if q:
+                self._flush_sub(j)
         n = 0
         streams = self._streams
-        decode_out = self._out_decode
-        for ring in self._outputs:
+        decode_out = envelope_decoder.decode
+        latencies = self.latencies_ns
+        for k, ring in enumerate(self._outputs):
             entries = ring.read_available()
             if not entries:
                 continue
+            if latencies is not None:
+                now = time.monotonic_ns()
             for kind, view in entries:
                 if kind != KIND_OUTPUT:
-                    view.release()
-                    continue
+                    if kind == KIND_PART:
+                        whole = self._out_parts[k].feed(view)
+                        view.release()
+                        if whole is None or whole[0] != KIND_OUTPUT:
+                            continue
+                        view = memoryview(whole[1])
+                    else:
+                        view.release()
+                        continue
+                else:
+                    self._out_parts[k].interrupt()
                 out = decode_out(view)
                 st = streams.get(out.stream_id)
                 if st is None or st.done:
@@ -444,6 +479,8 @@ class Pool:
                 if out.kind == OUT_TOKENS:
                     if out.seq == st.next_seq:
                         st.next_seq += 1
+                        if latencies is not None and out.read_ns:
+                            latencies.append(now - out.read_ns)
                         tokens = tokens_payload_decoder.decode(out.payload)
                         if tokens and type(tokens[-1]) in (Done, Error):
                             st.terminal_seen = True
@@ -520,14 +557,16 @@ class Pool:
                         break
                     st = self._open(nxt[1], nxt[0], sink, False)
                     inflight[st.sid] = st
+                finished = False
                 while sink:
                     kind, st, payload = sink.popleft()
                     if kind == OUT_RESULT:
                         inflight.pop(st.sid, None)
+                        finished = True
                         yield payload
                 if exhausted and not inflight:
                     return
-                if not sink:
+                if not finished:  # (after a finish, refill the in-flight set before waiting)
                     self._check()
                     self._pump(block=True)
         finally:
@@ -553,15 +592,17 @@ class Pool:
                         break
                     st = self._open(nxt[1], nxt[0], sink, True)
                     inflight[st.sid] = st
+                finished = False
                 while sink:
                     kind, st, payload = sink.popleft()
                     if kind == OUT_RESULT:
                         inflight.pop(st.sid, None)
+                        finished = True
                     else:
                         yield st.source_index, payload
                 if exhausted and not inflight:
                     return
-                if not sink:
+                if not finished:  # (after a finish, refill the in-flight set before waiting)
                     self._check()
                     await self._apump()
         finally:

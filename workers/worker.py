@@ -10,7 +10,6 @@ same outputs with the same sequence numbers: the caller drops the ones it alread
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import time
@@ -18,29 +17,34 @@ import time
 import msgspec
 
 from pipeline.core import StreamingPipeline, StreamSession
-from pipeline.sse import SseEvent
 from pipeline.tokens import Error
 from shm.multiwait import closed_and_drained, wait_any
 from shm.records import (
     KIND_END,
-    KIND_EVENTS,
     KIND_OPEN,
     KIND_OUTPUT,
     OP_STOP,
     Control,
     RecordCodec,
-    release_views,
 )
 from shm.ring import Ring, RingClosedError, RingHandle
 
 from .protocol import (
     FINAL_SEQ,
+    KIND_PART,
+    KIND_SSE,
     OP_QUEUE_DELAY,
+    OP_TOKENS_USED,
     OUT_RESULT,
     OUT_TOKENS,
+    PartAssembler,
     ResultOut,
+    SseBatch,
     TokensOut,
     options_decoder,
+    owner_sentinel,
+    ring_items,
+    sse_batch_decoder,
 )
 
 # How often a worker tells each ingest its queue delay (the ingest's backpressure input).
@@ -48,27 +52,28 @@ _DELAY_REPORT_NS = 20_000_000
 
 
 class _Stream:
-    __slots__ = ("session", "ingest", "want_tokens", "next_seq", "out_seq", "generic")
+    __slots__ = ("session", "ingest", "want_tokens", "next_seq", "out_seq")
 
-    def __init__(self, session: StreamSession, ingest: int, want_tokens: bool, generic: bool) -> None:
+    def __init__(self, session: StreamSession, ingest: int, want_tokens: bool) -> None:
         self.session = session
         self.ingest = ingest
         self.want_tokens = want_tokens
         self.next_seq = 0
         self.out_seq = 0
-        self.generic = generic
 
 
 class WorkerCore:
     """Transport-free heart of a worker: records in, output envelopes and controls out."""
 
-    def __init__(self, pipeline: StreamingPipeline) -> None:
+    def __init__(self, pipeline: StreamingPipeline, ingest_count: int = 1) -> None:
         self.pipeline = pipeline
         self.streams: dict[int, _Stream] = {}
         self.outputs: list[tuple[int, bytes]] = []  # (entry kind, payload) for the output ring
-        self.controls: list[list[Control]] = []  # per ingest
+        self.controls: list[list[Control]] = [[] for _ in range(ingest_count)]
         self._encode = msgspec.msgpack.Encoder().encode
         self.max_delay_ns = 0
+        # Only a tokens-per-minute limit needs each stream's token count back in the ingest.
+        self._report_tokens = bool((pipeline.http_options or {}).get("tpm"))
 
     def on_open(self, rec, ingest: int) -> None:
         sid = rec.stream_id
@@ -77,7 +82,7 @@ class WorkerCore:
         opts = options_decoder.decode(rec.options)
         dialect = opts.dialect or rec.dialect or self.pipeline.dialect
         session = self.pipeline.open_stream(sid, dialect, opts.start_ns or None)
-        self.streams[sid] = _Stream(session, ingest, opts.want_tokens, dialect == "sse-generic")
+        self.streams[sid] = _Stream(session, ingest, opts.want_tokens)
 
     def on_events(self, rec) -> None:
         st = self.streams.get(rec.stream_id)
@@ -88,45 +93,36 @@ class WorkerCore:
         delay = time.monotonic_ns() - read_ns
         if delay > self.max_delay_ns:
             self.max_delay_ns = delay
-        if st.generic:
-            # RawEvent tokens keep the data: copy it out of the ring before the space is reused.
-            events = [SseEvent(e.type, bytes(e.data), e.id, None) for e in rec.events]
-        else:
-            events = [SseEvent(e.type, e.data, e.id, None) for e in rec.events]
-        tokens = st.session.process_events(events, read_ns)
-        self._emit(rec.stream_id, st, tokens)
+        tokens = st.session.process_events(rec.events, read_ns)
+        self._emit(rec.stream_id, st, tokens, read_ns)
 
     def on_end(self, rec) -> None:
         sid = rec.stream_id
         st = self.streams.get(sid)
+        crashed = rec.error_kind == "worker_crashed"
         if st is None:
-            if rec.error_kind == "worker_crashed":
+            if crashed:
                 # The ingest could not replay this stream to us: end it for the caller.
                 err = Error.of("worker_crashed", rec.error or "worker crashed and the stream's log overflowed")
                 session = self.pipeline.open_stream(sid)
                 session.fail(err)
                 self.outputs.append((KIND_OUTPUT, self._encode(ResultOut(sid, FINAL_SEQ, OUT_RESULT, session.result))))
             return
-        if rec.seq != st.next_seq:
+        if rec.seq != st.next_seq and not crashed:
             return
         st.next_seq += 1
         session = st.session
         if rec.reason == "eof" or rec.reason == "eof-tail":
             tokens = session.close(time.monotonic_ns(), discarded_tail=rec.reason == "eof-tail")
         else:
-            err = Error.of(
-                rec.error_kind or "malformed",
-                rec.error or rec.reason,
-                http_status=rec.status,
-                retry_after=getattr(rec, "retry_after", None),
-            )
+            err = Error.of(rec.error_kind or "malformed", rec.error or rec.reason, http_status=rec.status)
             tokens = session.fail(err)
             tokens += session.close()
-        self._emit(sid, st, tokens)
+        self._emit(sid, st, tokens, 0)
 
-    def _emit(self, sid: int, st: _Stream, tokens: list) -> None:
+    def _emit(self, sid: int, st: _Stream, tokens: list, read_ns: int) -> None:
         if tokens and st.want_tokens:
-            self.outputs.append((KIND_OUTPUT, self._encode(TokensOut(sid, st.out_seq, OUT_TOKENS, tokens))))
+            self.outputs.append((KIND_OUTPUT, self._encode(TokensOut(sid, st.out_seq, OUT_TOKENS, tokens, read_ns))))
             st.out_seq += 1
         session = st.session
         if session.finished:
@@ -135,7 +131,10 @@ class WorkerCore:
             del self.streams[sid]
             # Tells the ingest the stream is done here: it stops reading (a stop sequence fired
             # early) and drops the stream's replay log.
-            self.controls[st.ingest].append(Control(OP_STOP, sid))
+            controls = self.controls[st.ingest]
+            controls.append(Control(OP_STOP, sid))
+            if self._report_tokens and result.usage is not None and result.usage.output_tokens:
+                controls.append(Control(OP_TOKENS_USED, int(result.usage.output_tokens)))
         elif session.stop_requested:
             self.controls[st.ingest].append(Control(OP_STOP, sid))
 
@@ -146,11 +145,11 @@ def worker_main(
     event_handles: list[RingHandle],
     control_handles: list[RingHandle],
     output_handle: RingHandle,
+    owner_pid: int,
 ) -> None:
-    """Process entry point of worker `index`."""
+    """Process entry point of worker `index` of the pool owned by process `owner_pid`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides when we stop
-    parent = multiprocessing.parent_process()
-    parent_sentinel = parent.sentinel if parent is not None else None
+    parent_sentinel = owner_sentinel(owner_pid)
     event_rings = [Ring.attach(h) for h in event_handles]
     control_rings = [Ring.attach(h) for h in control_handles]
     output_ring = Ring.attach(output_handle)
@@ -159,42 +158,72 @@ def worker_main(
     finally:
         for ring in event_rings + control_rings + [output_ring]:
             ring.close()
+        os.close(parent_sentinel)
 
 
 def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) -> None:
-    core = WorkerCore(pipeline)
-    core.controls = [[] for _ in event_rings]
+    core = WorkerCore(pipeline, len(event_rings))
     codec = RecordCodec()
     decode = codec.decode
     encode_bytes = codec.encode_bytes
+    decode_batch = sse_batch_decoder.decode
     on_events, on_end, on_open = core.on_events, core.on_end, core.on_open
+    assemblers = [PartAssembler() for _ in event_rings]
+    out_max = output_ring.max_entry_payload
     open_rings = list(range(len(event_rings)))
     last_report = time.monotonic_ns()
     sentinels = [parent_sentinel] if parent_sentinel is not None else []
     while open_rings:
         got = False
-        for j in list(open_rings):
+        for j in open_rings:
             ring = event_rings[j]
             entries = ring.read_available()
             if not entries:
                 continue
             got = True
+            parts = assemblers[j]
+            # Decode everything (event data is copied out), hand the space back at once, then
+            # process: the ingest refills the ring while this worker works.
+            work = []
+            add = work.append
+            view = payload = None
             for kind, view in entries:
-                rec = decode(kind, view)
-                if kind == KIND_EVENTS:
-                    on_events(rec)
+                if kind == KIND_SSE:
+                    add(decode_batch(view))
+                    continue
+                if kind == KIND_PART:
+                    whole = parts.feed(view)
+                    if whole is None:
+                        continue
+                    kind, payload = whole
+                else:
+                    parts.interrupt()
+                    payload = view
+                if kind == KIND_SSE:
+                    add(decode_batch(payload))
                 elif kind == KIND_OPEN:
+                    # Opened now, ahead of this round's events: order per stream is kept.
+                    rec = decode(kind, payload)
                     on_open(rec, j)
+                    rec = None  # its options are a view into the ring
                 elif kind == KIND_END:
-                    on_end(rec)
-                release_views(rec)
-            del entries, view, rec  # no view into the ring may outlive release()
+                    add(decode(kind, payload))
+            entries = view = payload = None  # no view into the ring may outlive release()
             ring.release()
-        if core.outputs:
-            _write_all(output_ring, core.outputs, parent_sentinel)
+            for rec in work:
+                if type(rec) is SseBatch:
+                    on_events(rec)
+                else:
+                    on_end(rec)
+            work = rec = None
+        outputs = core.outputs
+        if outputs:
+            if any(len(p) > out_max for _, p in outputs):
+                outputs = [it for k, p in outputs for it in ring_items(k, p, out_max)]
+            _write_all(output_ring, outputs, parent_sentinel)
             core.outputs.clear()
         now = time.monotonic_ns()
-        if now - last_report > _DELAY_REPORT_NS and got:
+        if got and now - last_report > _DELAY_REPORT_NS:
             last_report = now
             delay_us = core.max_delay_ns // 1000
             core.max_delay_ns = 0
@@ -215,8 +244,8 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
 
 
 def _write_all(ring: Ring, items: list[tuple[int, bytes]], parent_sentinel) -> None:
-    """Write every item, publishing in batches; waits for room (never past the caller's death:
-    the ring raises PeerDiedError then)."""
+    """Write every item (each fits one entry), publishing in batches; waits for room, never past
+    the caller's death (PeerDiedError then)."""
     start = 0
     n = len(items)
     while start < n:
