@@ -428,14 +428,16 @@ class Ring:
             _eventfd_write(self._data_fd, 1)
         return True
 
-    def _put(self, kind: int, payload, n: int) -> bool:
-        """Write one entry (padding first if needed) without publishing; False when it does not fit."""
+    def _put(self, kind: int, payload, n: int, checked: bool = False) -> bool:
+        """Write one entry (padding first if needed) without publishing; False when it does not fit.
+        `checked`: the caller already made sure of room for this entry (a chunk of a payload whose
+        whole room was checked), so the soft limit is not applied to it again."""
         need = (n + 15) & -8
         tail = self._ptail
         cap = self._cap
         off = tail & self._mask
         pad = cap - off if need > cap - off else 0
-        if tail + pad + need > self._pend and not self._room(tail, pad + need):
+        if not checked and tail + pad + need > self._pend and not self._room(tail, pad + need):
             return False
         dq = self._dq
         if pad:
@@ -484,7 +486,9 @@ class Ring:
                 return False
             view = _byte_view(payload)
             for start, end, flags in plan:
-                self._put(kind | flags, view[start:end], end - start)
+                # Room for all chunks was checked above (an empty ring takes a payload over the
+                # soft limit): checking each chunk against the limit again would cut it in half.
+                self._put(kind | flags, view[start:end], end - start, checked=True)
             ok = True
         if ok and publish:
             self._publish(self._ptail)

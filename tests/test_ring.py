@@ -541,3 +541,20 @@ def test_stress_ten_million_entries_across_processes_none_torn_lost_reordered_or
         print(f"stress: {STRESS_ENTRIES:,} entries in {elapsed:.1f} s, {chunked} chunked")
     finally:
         ring.close()
+
+
+def test_a_chunked_payload_over_the_soft_limit_goes_whole_into_an_empty_ring():
+    # An empty ring takes any payload that fits its capacity, soft limit or not; the chunks of
+    # that payload must all go in, never only the first.
+    ring = Ring.create(256 * 1024)
+    try:
+        ring.set_soft_limit(64 * 1024)
+        payload = bytes(range(256)) * 600  # 153,600 bytes: three chunks
+        assert ring.try_write(7, payload)
+        got = ring.read_available()
+        assert [(k, bytes(v)) for k, v in got] == [(7, payload)]
+        del got
+        ring.release()
+        assert ring.orphaned == 0
+    finally:
+        ring.close()
