@@ -298,8 +298,8 @@ class Ingest:
         st.ended = True
         self._send(st, record)
 
-    def _batch(self, st: _IngestStream, events: list, read_ns: int) -> None:
-        payload = self._encode(SseBatch(st.stream_id, st.seq, read_ns, events))
+    def _batch(self, st: _IngestStream, events: list, read_ns: int, nbytes: int) -> None:
+        payload = self._encode(SseBatch(st.stream_id, st.seq, read_ns, events, nbytes))
         st.seq += 1
         self._send_items(st, KIND_SSE, payload)
 
@@ -313,6 +313,7 @@ class Ingest:
         paced = src.pace > 0
         clock = time.monotonic_ns
         reads = 0
+        pending = 0  # bytes read since the last batch
         read_size = _replay_read_size(src.read_size)
         if paced or read_size == "recorded":
             chunks = aiter_replay(recording, read_size, src.pace if paced else None)
@@ -322,14 +323,16 @@ class Ingest:
             if not gate.is_set():
                 await gate.wait()
             read_ns = clock()
+            pending += len(chunk)
             try:
                 events = feed(chunk)
             except TooLargeError as exc:
                 if isinstance(exc.received, list) and exc.received:
-                    self._batch(st, exc.received, read_ns)
+                    self._batch(st, exc.received, read_ns, pending)
                 raise
             if events:
-                self._batch(st, events, read_ns)
+                self._batch(st, events, read_ns, pending)
+                pending = 0
             reads += 1
             if not paced and reads % _REPLAY_YIELD_EVERY == 0:
                 # Where socket reads would yield to the loop, so do we: streams interleave.
@@ -365,7 +368,7 @@ class Ingest:
         gate = self.gates[st.worker]
         async with handler:
             async for events, read_ns in handler.events():
-                self._batch(st, events, read_ns)
+                self._batch(st, events, read_ns, handler.batch_bytes)
                 if not gate.is_set():
                     await gate.wait()
         return handler.discarded_tail

@@ -55,6 +55,7 @@ class SseBatch(msgspec.Struct, array_like=True, gc=False):
     seq: int  # per stream, from 0, one per batch
     read_time_ns: int  # time.monotonic_ns() when the bytes were read
     events: list[SseEvent]
+    nbytes: int = 0  # body bytes read since the previous batch (framing included), for metrics
 
 
 class OutEnvelope(msgspec.Struct, array_like=True, gc=False):

@@ -93,7 +93,7 @@ class WorkerCore:
         delay = time.monotonic_ns() - read_ns
         if delay > self.max_delay_ns:
             self.max_delay_ns = delay
-        tokens = st.session.process_events(rec.events, read_ns)
+        tokens = st.session.process_events(rec.events, read_ns, rec.nbytes)
         self._emit(rec.stream_id, st, tokens, read_ns)
 
     def on_end(self, rec) -> None:
