@@ -5,7 +5,9 @@
 retries before the first byte (connect errors, 429, 5xx), resuming with `Last-Event-ID` after a
 drop, client-side rate limits, typed errors. It reads by chunk (never by line) and hands each
 read's events to the caller with the time of the read. It never re-sends a request after a clean
-end, nor after any content was delivered unless it is resuming by event id.
+end, nor after any content was delivered unless it is resuming by event id. The idle timeout is
+aiohttp's `sock_read` only until the headers; for the body it is one timer per connection, and
+buffered chunks are drained in one piece (see "reading a response body cheaply").
 
 Secrets: error messages, reprs and logs carry the URL with secret query values redacted and the
 response body with any secret header value scrubbed out; request headers never appear.
@@ -300,6 +302,138 @@ def _new_parser(max_event_bytes: int, last_event_id: str | None, retry: int | No
     return parser
 
 
+# --- reading a response body cheaply ------------------------------------------------------------
+#
+# Per read, aiohttp's public path costs more than our parsing: with `sock_read` set, every chunk
+# received cancels and re-creates a timer (ResponseHandler._reschedule_timeout), and readany()
+# calls the protocol's resume_reading() for every buffered chunk it hands out, which re-enters
+# data_received(b"") and the HTTP parser. Both are avoided below, each behind a check that this
+# aiohttp has what we rely on, with the public path (readany, sock_read) as the fallback.
+
+
+class _IdleTimeout(Exception):
+    """Set on a response body's reader by _IdleWatch: no byte came for idle_timeout."""
+
+
+class _IdleWatch:
+    """The idle timeout of one response body as one timer that is re-armed only when it comes
+    due (about once per idle_timeout), instead of a timer cancelled and re-created per chunk.
+
+    The reader sets `since` (loop time) when it starts waiting for bytes and None when it has
+    them, so time spent by the consumer (or held by backpressure) never counts as the server's
+    silence. When the timer finds the reader waiting for longer than the timeout, it fails the
+    body's reader with _IdleTimeout, which wakes it.
+    """
+
+    __slots__ = ("since", "_loop", "_timeout", "_content", "_handle", "_bytes")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, content: aiohttp.StreamReader) -> None:
+        self.since: float | None = None
+        self._loop = loop
+        self._timeout = timeout
+        self._content = content
+        self._bytes = content.total_bytes
+        self._handle: asyncio.TimerHandle | None = loop.call_at(loop.time() + timeout, self._check)
+
+    def _check(self) -> None:
+        loop = self._loop
+        now = loop.time()
+        since = self.since
+        seen = self._content.total_bytes
+        arrived = seen != self._bytes
+        self._bytes = seen
+        if since is None:
+            due = now + self._timeout  # the reader is busy with what it has: check again later
+        else:
+            due = since + self._timeout
+            if arrived and due <= now:
+                # Bytes came in this very loop iteration, their reader not yet run: not idle.
+                due = now + self._timeout
+        # 1 ms of slack: the loop's clock is coarse (uvloop's is in ms), never re-arm for less.
+        if due > now + 0.001:
+            self._handle = loop.call_at(due, self._check)
+            return
+        self._handle = None
+        self._content.set_exception(_IdleTimeout())
+
+    def cancel(self) -> None:
+        """Stop the timer (the body ended, dropped or was abandoned)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            handle.cancel()
+
+
+def _sock_read_switchable() -> bool:
+    """Whether aiohttp's response protocol lets us turn sock_read off once the headers are in."""
+    try:
+        from aiohttp.client_proto import ResponseHandler
+    except ImportError:  # pragma: no cover - aiohttp always has it today
+        return False
+    return (isinstance(getattr(ResponseHandler, "read_timeout", None), property)
+            and callable(getattr(ResponseHandler, "start_timeout", None))
+            and hasattr(aiohttp.StreamReader, "total_bytes"))
+
+
+_SOCK_READ_SWITCHABLE = _sock_read_switchable()
+
+
+def _stop_sock_read(resp: aiohttp.ClientResponse) -> bool:
+    """Turn sock_read off for the rest of this response (its body); False when it cannot be
+    (then sock_read stays on and serves as the idle timeout)."""
+    if not _SOCK_READ_SWITCHABLE:
+        return False
+    conn = resp.connection
+    proto = conn.protocol if conn is not None else None
+    if proto is not None:
+        proto.read_timeout = None
+        proto.start_timeout()  # re-arms with no timeout: cancels the pending timer
+    # No connection: the body is already complete and released, sock_read with it.
+    return True
+
+
+# What _drain and the fast read loop touch inside aiohttp's StreamReader (3.9 to 3.14 at least).
+_READER_FIELDS = ("_buffer", "_buffer_offset", "_size", "_cursor", "_http_chunk_splits", "_eof",
+                  "_exception", "_protocol", "_waiter")
+
+
+def _fast_drain_supported() -> bool:
+    """Whether aiohttp's StreamReader has the internals _drain and the fast loop rely on."""
+    slots = set(getattr(aiohttp.StreamReader, "__slots__", ()))
+    try:
+        from aiohttp.base_protocol import BaseProtocol
+    except ImportError:  # pragma: no cover
+        return False
+    return (all(f in slots for f in _READER_FIELDS) and callable(getattr(aiohttp.StreamReader, "_wait", None))
+            and "_reading_paused" in getattr(BaseProtocol, "__slots__", ()))
+
+
+_FAST_DRAIN = _fast_drain_supported()
+
+
+def _drain(content: aiohttp.StreamReader) -> bytes:
+    """Everything buffered in `content` as one bytes: what read_nowait() returns, without its
+    per-chunk resume_reading() (the reader is empty afterwards, so reading resumes only if the
+    protocol was paused for a full buffer)."""
+    if content._buffer_offset:
+        return content.read_nowait(-1)  # a partial chunk left by someone else's read(n)
+    buf = content._buffer
+    if len(buf) == 1:
+        data = buf.popleft()
+    else:
+        data = b"".join(buf)
+        buf.clear()
+    n = len(data)
+    content._size -= n
+    content._cursor += n
+    splits = content._http_chunk_splits
+    if splits:
+        splits.clear()  # chunk boundaries matter to readchunk() only, which nobody calls here
+    proto = content._protocol
+    if proto._reading_paused:
+        proto.resume_reading()
+    return data
+
+
 # --- the handler --------------------------------------------------------------------------------
 
 
@@ -339,6 +473,7 @@ class HttpStreamHandler:
         self.delivered = False  # whether any event was handed out (no plain re-send after that)
         self.batch_bytes = 0  # body bytes behind the batch just yielded (reads since the last one)
         self._response: aiohttp.ClientResponse | None = None
+        self._watch: _IdleWatch | None = None  # the idle timer of the body being read
         self._closed = False
         self._deadline: float | None = None
         self._secrets = _secrets_of(request)
@@ -359,6 +494,7 @@ class HttpStreamHandler:
     async def close(self) -> None:
         """Release the connection now (mid-stream it is closed, not returned to the pool)."""
         self._closed = True
+        self._stop_watch()
         self._drop_response()
 
     # -- the stream ------------------------------------------------------------------------------
@@ -369,17 +505,47 @@ class HttpStreamHandler:
         if opts.total_timeout is not None:
             self._deadline = time.monotonic() + opts.total_timeout
         clock = self.clock_ns
+        loop = asyncio.get_running_loop()
+        idle = opts.idle_timeout
         pending = 0  # bytes read since the last yielded batch (reads of comments, partial events)
         try:
             resp = await self._open()
             while True:
                 parser = _new_parser(self.max_event_bytes, self.last_event_id, self.retry_ms)
                 content = resp.content
+                # sock_read guarded the wait for the headers; for the body one timer per
+                # connection replaces it (see _IdleWatch). Without the means to switch it off,
+                # sock_read stays the idle timeout.
+                watch = _IdleWatch(loop, idle, content) if idle is not None and _stop_sock_read(resp) else None
+                self._watch = watch  # close() stops it too: a consumer may leave without aclose()
+                fast = _FAST_DRAIN and type(content) is aiohttp.StreamReader
                 dropped: BaseException | None = None
                 while True:
                     try:
-                        chunk = await content.readany()
-                    except asyncio.TimeoutError:
+                        if fast:
+                            # readany() without its per-chunk overhead: the same order of checks
+                            # (error, then data, then end), everything buffered in one piece.
+                            exc = content._exception
+                            if exc is not None:
+                                raise exc
+                            if content._buffer:
+                                chunk = _drain(content)
+                            elif content._eof:
+                                chunk = b""
+                            else:
+                                if watch is not None:
+                                    watch.since = loop.time()
+                                await content._wait("readany")
+                                if watch is not None:
+                                    watch.since = None
+                                continue
+                        else:
+                            if watch is not None:
+                                watch.since = loop.time()
+                            chunk = await content.readany()
+                            if watch is not None:
+                                watch.since = None
+                    except (_IdleTimeout, asyncio.TimeoutError):
                         raise self._timeout_error("between reads") from None
                     except _DROP_ERRORS as exc:
                         dropped = exc
@@ -387,8 +553,9 @@ class HttpStreamHandler:
                     read_ns = clock()
                     if not chunk:
                         break
-                    self.bytes_read += len(chunk)
-                    pending += len(chunk)
+                    n = len(chunk)
+                    self.bytes_read += n
+                    pending += n
                     try:
                         events = parser.feed(chunk)
                     except TooLargeError as exc:
@@ -400,12 +567,16 @@ class HttpStreamHandler:
                             yield done, read_ns
                         raise
                     # An `id:` block without data moves the last event ID too (spec), so note it
-                    # after every read, not only reads that dispatched events.
-                    self._note(parser)
+                    # after every read, not only reads that dispatched events (inlined _note).
+                    self.last_event_id = parser.last_event_id
+                    if parser.retry is not None:
+                        self.retry_ms = parser.retry
                     if events:
                         self.delivered = True
-                        self.batch_bytes, pending = pending, 0
+                        self.batch_bytes = pending
+                        pending = 0
                         yield events, read_ns
+                self._stop_watch()
                 if dropped is None:
                     # Clean end of the body: never re-requested.
                     parser.close()
@@ -432,7 +603,8 @@ class HttpStreamHandler:
                     return
                 resp = resumed
         finally:
-            # Cancelled, closed by the consumer, failed or done: no connection outlives this.
+            # Cancelled, closed by the consumer, failed or done: no connection or timer outlives this.
+            self._stop_watch()
             self._drop_response()
 
     def _note(self, parser: SseParser) -> None:
@@ -632,6 +804,11 @@ class HttpStreamHandler:
             self._check_deadline()
             seconds = max(0.0, self._deadline - time.monotonic())
         await asyncio.sleep(seconds)
+
+    def _stop_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
 
     def _release_response(self) -> None:
         resp, self._response = self._response, None

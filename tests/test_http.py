@@ -770,3 +770,165 @@ async def test_rpm_limit_is_shared_by_a_pipelines_streams():
             await run(pipeline, chat_request(server))
         elapsed = time.monotonic() - t0
     assert elapsed >= 0.25
+
+
+# --- read paths: aiohttp internals (fast) and the public fallback ----------------------------------
+
+import pipeline.http as http_mod  # noqa: E402
+
+
+@pytest.fixture(params=["fast", "public"])
+def read_path(request, monkeypatch):
+    """Run a test over the fast read path (sock_read off after the headers, one idle timer per
+    body, buffered chunks drained in one piece) and over the public one (readany, sock_read),
+    which is what runs on an aiohttp without the internals the fast path relies on."""
+    if request.param == "public":
+        monkeypatch.setattr(http_mod, "_FAST_DRAIN", False)
+        monkeypatch.setattr(http_mod, "_SOCK_READ_SWITCHABLE", False)
+    else:
+        assert http_mod._FAST_DRAIN and http_mod._SOCK_READ_SWITCHABLE, "this aiohttp lacks the fast path"
+    return request.param
+
+
+def test_drain_returns_every_buffered_chunk_once_and_resumes_a_paused_protocol():
+    class Proto:
+        _reading_paused = False
+        resumed = 0
+        connected = True
+
+        def pause_reading(self):
+            self._reading_paused = True
+
+        def resume_reading(self, resume_parser=True):
+            self._reading_paused = False
+            self.resumed += 1
+
+    loop = asyncio.new_event_loop()
+    try:
+        proto = Proto()
+        reader = aiohttp.StreamReader(proto, 16, loop=loop)  # pauses above 2 * 16 bytes buffered
+        chunks = [b"data: 1\n\n", b"data: 22\n\n", b"data: 333\n\n", b"data: 4444\n\n"]
+        for c in chunks:
+            reader.feed_data(c)
+        assert proto._reading_paused  # 40 bytes > 32: the reader asked the transport to pause
+        assert http_mod._drain(reader) == b"".join(chunks)
+        assert proto.resumed == 1 and not proto._reading_paused
+        reader.feed_data(b"data: 5\n\n")
+        assert http_mod._drain(reader) == b"data: 5\n\n"
+        assert proto.resumed == 1  # not paused: nothing to resume
+        reader.feed_eof()
+        # The public API agrees the reader is empty and at its end.
+        assert reader.at_eof() and reader.read_nowait() == b""
+    finally:
+        loop.close()
+
+
+async def test_many_small_and_large_writes_reach_the_parser_exactly(read_path):
+    # 300 events in writes that split lines anywhere, then ~1 MiB of events: far above aiohttp's
+    # read buffer (2 x 64 KiB), so with a slow consumer reading pauses and must resume.
+    small = b"".join(b"id: %d\ndata: {\"n\": %d}\n\n" % (i, i) for i in range(300))
+    big = b"".join(b"data: " + b"x" * 4000 + b"%05d\n\n" % i for i in range(250))
+    parts = [small[i:i + 37] for i in range(0, len(small), 37)] + [big[i:i + 65536] for i in range(0, len(big), 65536)]
+
+    async def handler(request, n):
+        return await sse(request, parts)
+
+    async with Tiny(handler) as server, aiohttp.ClientSession() as http:
+        h = HttpStreamHandler(http, chat_request(server), HttpOptions(idle_timeout=5))
+        datas, batch_total = [], 0
+        async with h:
+            async for events, _ in h.events():
+                if not datas:
+                    await asyncio.sleep(0.2)  # let the server fill the buffer
+                datas += [e.data for e in events]
+                batch_total += h.batch_bytes
+    expected = [b'{"n": %d}' % i for i in range(300)] + [b"x" * 4000 + b"%05d" % i for i in range(250)]
+    assert datas == expected
+    assert h.bytes_read == batch_total == len(small) + len(big)
+    assert h.last_event_id == "299" and not h.discarded_tail
+
+
+async def test_idle_timeout_mid_body_fires_near_its_value_on_either_path(read_path):
+    async def handler(request, n):
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for e in chat_events(["a", "b"])[:2]:
+            await resp.write(e)
+            await asyncio.sleep(0.1)
+        await server.stall(5)
+        return resp
+
+    async with Tiny(handler) as server, aiohttp.ClientSession() as http:
+        t0 = time.monotonic()
+        stream, _ = await run(pipe(idle_timeout=0.3), chat_request(server), session=http)
+        elapsed = time.monotonic() - t0
+        await asyncio.sleep(0.05)
+        assert client_sockets_to(server.port) == 0
+    assert stream.result.error.kind == "idle_timeout" and stream.result.text == "ab"
+    # The last byte came at ~0.1 s; the silence after it is what counts.
+    assert 0.35 <= elapsed < 2.0
+
+
+async def test_drop_with_ids_resumes_exactly_on_either_path(read_path):
+    events = chat_events(WORDS, ids=True)
+
+    async def handler(request, n):
+        last = request.headers.get("Last-Event-ID")
+        if last is None:
+            return await sse(request, [*events[:5], events[5][:15]], end="drop")
+        return await sse(request, events[int(last):])
+
+    async with Tiny(handler) as server:
+        stream, _ = await run(pipe(**FAST), chat_request(server))
+    assert stream.result.error is None and stream.result.text == "".join(WORDS)
+    assert [r["headers"].get("Last-Event-ID") for r in server.requests] == [None, "5"]
+
+
+async def test_time_the_consumer_holds_a_batch_is_not_the_servers_silence():
+    # The server sends two events, is silent for 0.45 s, then ends. The consumer holds the first
+    # batch for 0.6 s (> idle_timeout 0.3): the server's silence while the consumer was busy is
+    # 0.45 s, but the client never waited 0.3 s for a byte, so no idle timeout.
+    async def handler(request, n):
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        evs = chat_events(["a", "b"])
+        await resp.write(evs[0])
+        await resp.write(evs[1])
+        await asyncio.sleep(0.45)
+        for e in evs[2:]:
+            await resp.write(e)
+        await resp.write_eof()
+        return resp
+
+    async with Tiny(handler) as server, aiohttp.ClientSession() as http:
+        h = HttpStreamHandler(http, chat_request(server), HttpOptions(idle_timeout=0.3))
+        datas = []
+        async with h:
+            async for events, _ in h.events():
+                if not datas:
+                    await asyncio.sleep(0.6)
+                datas += [e.data for e in events]
+    assert datas[-1] == b"[DONE]" and len(datas) == 4
+
+
+async def test_no_idle_timer_outlives_its_stream():
+    async def handler(request, n):
+        case = request.headers.get("x-case")
+        if case == "drop":
+            return await sse(request, chat_events(["a"])[:1], end="drop")
+        return await sse(request, chat_events(["a", "b"]))
+
+    def live_watch_timers() -> int:
+        loop = asyncio.get_running_loop()
+        return sum(1 for t in getattr(loop, "_scheduled", [])
+                   if not t.cancelled() and isinstance(getattr(t._callback, "__self__", None), http_mod._IdleWatch))
+
+    async with Tiny(handler) as server, aiohttp.ClientSession() as http:
+        for case in ("ok", "drop", "early-exit"):
+            h = HttpStreamHandler(http, chat_request(server, headers={"x-case": case}), HttpOptions(idle_timeout=30))
+            async with h:
+                async for _ in h.events():
+                    if case == "early-exit":
+                        assert live_watch_timers() == 1  # the watch is on while the body is read
+                        break
+            assert live_watch_timers() == 0, case
