@@ -289,17 +289,11 @@ def _describe(exc: BaseException) -> str:
 
 
 def _new_parser(max_event_bytes: int, last_event_id: str | None, retry: int | None) -> SseParser:
-    """A parser for a new connection of the same stream. The spec keeps the last event ID buffer
-    and the reconnection time across connections (they belong to the EventSource)."""
-    parser = SseParser(max_event_bytes)
-    if last_event_id is not None or retry is not None:
-        parser.last_event_id = last_event_id
-        parser.retry = retry
-        if hasattr(parser, "_id_buffer"):
-            # NOTE: the "last event ID buffer" survives a reconnect, or the first event of the new
-            # connection without an `id:` line would reset the id to resume from.
-            parser._id_buffer = last_event_id  # type: ignore[attr-defined]
-    return parser
+    """A parser for a new connection of the same stream. The last event ID and the reconnection
+    time belong to the EventSource and survive a reconnect: the constructor seeds both the ID to
+    resume from and the ID buffer, or the first event of the new connection without an `id:` line
+    would reset the ID to resume from."""
+    return SseParser(max_event_bytes, last_event_id=last_event_id, retry=retry)
 
 
 # --- reading a response body cheaply ------------------------------------------------------------
@@ -568,7 +562,9 @@ class HttpStreamHandler:
                         raise
                     # An `id:` block without data moves the last event ID too (spec), so note it
                     # after every read, not only reads that dispatched events (inlined _note).
-                    self.last_event_id = parser.last_event_id
+                    # The ID to resume from is the one of the last dispatched block, never an `id:`
+                    # whose event may still be cut off.
+                    self.last_event_id = parser.resume_event_id
                     if parser.retry is not None:
                         self.retry_ms = parser.retry
                     if events:
@@ -608,7 +604,7 @@ class HttpStreamHandler:
             self._drop_response()
 
     def _note(self, parser: SseParser) -> None:
-        self.last_event_id = parser.last_event_id
+        self.last_event_id = parser.resume_event_id
         if parser.retry is not None:
             self.retry_ms = parser.retry
 

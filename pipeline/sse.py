@@ -19,8 +19,10 @@ Decisions the spec leaves to us, in one place:
   it so. Both are byte positions of the stream, so the error comes with the same events before
   it however the stream is split into reads. A single `data: ` line therefore carries at most
   `max_event_bytes - 6` bytes of value.
-* `last_event_id` is the spec's "last event ID string": set from the ID buffer at each blank
-  line, so an `id:` whose event was cut off never becomes the ID to reconnect with.
+* `last_event_id` is the last `id` field accepted (the spec's "last event ID buffer"), as the
+  contract says and as httpx-sse and the openai SDK report it. `resume_event_id` is the spec's
+  "last event ID string", set from the buffer at each blank line: what a reconnection sends as
+  `Last-Event-ID`, so an `id:` whose event was cut off is never used to resume.
 * `discarded_tail` (set by `close()`) is True when the input ended inside an event: a partial
   line, or field lines (not just comments) after the last blank line.
 """
@@ -86,7 +88,7 @@ class SseParser:
 
     __slots__ = (
         "max_event_bytes",
-        "last_event_id",
+        "resume_event_id",
         "retry",
         "discarded_tail",
         "_id_buffer",
@@ -117,7 +119,7 @@ class SseParser:
             raise ValueError("max_event_bytes must be at least 1")
         self.max_event_bytes = max_event_bytes
         # The spec's "last event ID string" (None until an `id` field took effect at a blank line).
-        self.last_event_id: str | None = last_event_id
+        self.resume_event_id: str | None = last_event_id
         # The stream's reconnection time in ms, set by a valid `retry` field at once.
         self.retry: int | None = retry
         self.discarded_tail = False
@@ -139,6 +141,11 @@ class SseParser:
         self._fast = False
 
     # -- public API ----------------------------------------------------------------------------
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The last `id` field accepted (None until one is): the spec's last event ID buffer."""
+        return self._id_buffer
 
     def feed(self, chunk: BytesLike) -> list[SseEvent]:
         """Parse one read; return every event it completed (possibly none)."""
@@ -189,13 +196,13 @@ class SseParser:
             # On an event boundary, a read of whole events: often exactly one (servers flush each).
             if data.startswith(b"data: "):
                 if data.find(b"\n") == n - 2:
-                    return [SseEvent("message", data[6:-2], self.last_event_id, self.retry)]
+                    return [SseEvent("message", data[6:-2], self.resume_event_id, self.retry)]
             elif data.startswith(b"event: "):
                 nl = data.find(b"\n")
                 if data.startswith(b"data: ", nl + 1) and data.find(b"\n", nl + 7) == n - 2:
                     name = data[7:nl]
                     return [
-                        SseEvent(self._names.get(name) or self._name(name), data[nl + 7 : -2], self.last_event_id, self.retry)
+                        SseEvent(self._names.get(name) or self._name(name), data[nl + 7 : -2], self.resume_event_id, self.retry)
                     ]
             events: list[SseEvent] = []
             self._blocks(data, events)
@@ -254,7 +261,7 @@ class SseParser:
                 # All `data: <v>\n\n` (OpenAI, Gemini): exact when the only LFs are the separators.
                 parts = region[6:-2].split(b"\n\ndata: ")
                 if region.count(b"\n") == 2 * len(parts):
-                    lid = self.last_event_id
+                    lid = self.resume_event_id
                     retry = self.retry
                     events += [SseEvent("message", p, lid, retry) for p in parts]
                     return
@@ -263,7 +270,7 @@ class SseParser:
                 # part holds one `\ndata: ` and the LFs number three per event.
                 parts = region[7:-2].split(b"\n\nevent: ")
                 if region.count(b"\n") == 3 * len(parts):
-                    lid = self.last_event_id
+                    lid = self.resume_event_id
                     retry = self.retry
                     names = self._names
                     out = []
@@ -286,14 +293,14 @@ class SseParser:
                 self._lines(block + b"\n\n", 0, events, False)
             elif block.startswith(b"data:") and block.find(b"\n") < 0:
                 value = block[6:] if block[5:6] == b" " else block[5:]
-                events.append(SseEvent("message", value, self.last_event_id, self.retry))
+                events.append(SseEvent("message", value, self.resume_event_id, self.retry))
             elif block.startswith(b"event:"):
                 nl = block.find(b"\n")
                 if nl > 0 and block.startswith(b"data:", nl + 1) and block.find(b"\n", nl + 1) < 0:
                     name = block[7:nl] if block[6:7] == b" " else block[6:nl]
                     value = block[nl + 7 :] if block[nl + 6 : nl + 7] == b" " else block[nl + 6 :]
                     events.append(
-                        SseEvent(names.get(name) or self._name(name), value, self.last_event_id, self.retry)
+                        SseEvent(names.get(name) or self._name(name), value, self.resume_event_id, self.retry)
                     )
                 else:
                     self._lines(block + b"\n\n", 0, events, False)
@@ -372,7 +379,7 @@ class SseParser:
     def _dispatch(self, events: list[SseEvent]) -> None:
         # https://html.spec.whatwg.org/multipage/server-sent-events.html#dispatchMessage
         # NOTE: the ID buffer is not reset; it becomes the last event ID string at every blank line.
-        self.last_event_id = self._id_buffer
+        self.resume_event_id = self._id_buffer
         if self._data:
             name = self._event_type
             events.append(

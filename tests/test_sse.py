@@ -120,7 +120,7 @@ def whatwg_utf8_decode(data: bytes) -> str:
     return "".join(out)
 
 
-def reference_parse(stream: bytes) -> tuple[list[tuple], str | None, int | None, bool]:
+def reference_parse(stream: bytes) -> tuple[list[tuple], str | None, int | None, bool, str | None]:
     """The spec's "interpreting an event stream" over the decoded text of a whole stream.
     Returns (events as (type, data, lastEventId, reconnection time), last event ID string,
     reconnection time, whether the input ended inside an event)."""
@@ -169,7 +169,7 @@ def reference_parse(stream: bytes) -> tuple[list[tuple], str | None, int | None,
         elif field == "retry":
             if value and all(c in "0123456789" for c in value):
                 retry = int(value)
-    return events, last_event_id, retry, pending_fields or pos < len(text)
+    return events, last_event_id, retry, pending_fields or pos < len(text), id_buffer
 
 
 def test_reference_decoder_agrees_with_hand_worked_encoding_standard_examples():
@@ -389,25 +389,32 @@ def test_empty_id_sets_the_last_event_id_to_empty_string():
     assert parser.last_event_id == ""
 
 
-def test_id_without_data_still_becomes_the_last_event_id_at_the_blank_line():
+def test_an_accepted_id_is_the_last_event_id_at_once():
     parser = SseParser()
     assert parser.feed(b"id: 7\n") == []
-    assert parser.last_event_id is None  # the ID buffer, not yet the last event ID string
+    assert parser.last_event_id == "7"  # accepted: the spec's last event ID buffer
+
+
+def test_id_without_data_becomes_the_id_to_resume_from_at_the_blank_line():
+    parser = SseParser()
+    assert parser.feed(b"id: 7\n") == []
+    assert parser.resume_event_id is None  # not yet the spec's last event ID string
     assert parser.feed(b"\n") == []
-    assert parser.last_event_id == "7"
+    assert parser.resume_event_id == "7"
     assert parser.feed(b"data: x\n\n") == [ev("x", id="7")]
 
 
-def test_id_of_a_cut_off_event_never_becomes_the_last_event_id():
+def test_id_of_a_cut_off_event_is_accepted_but_never_the_id_to_resume_from():
     parser = SseParser()
     parser.feed(b"id: 1\ndata: a\n\nid: 2\ndata: b\n")
     parser.close()
-    assert parser.last_event_id == "1"
+    assert parser.last_event_id == "2"
+    assert parser.resume_event_id == "1"
 
 
 def test_parser_seeded_for_a_reconnection_carries_id_and_retry():
     parser = SseParser(last_event_id="41", retry=3000)
-    assert (parser.last_event_id, parser.retry) == ("41", 3000)
+    assert (parser.last_event_id, parser.resume_event_id, parser.retry) == ("41", "41", 3000)
     assert parser.feed(b"data: a\n\nid: 42\ndata: b\n\n") == [ev("a", id="41", retry=3000), ev("b", id="42", retry=3000)]
 
 
@@ -763,7 +770,7 @@ def _draw_reads(data, stream: bytes) -> list[bytes]:
 
 def _outcome(stream: bytes, reads: list[bytes] | None = None) -> tuple:
     events, parser = parse(stream, reads=reads)
-    return events, parser.last_event_id, parser.retry, parser.discarded_tail
+    return events, parser.last_event_id, parser.resume_event_id, parser.retry, parser.discarded_tail
 
 
 PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -780,10 +787,11 @@ def test_any_split_gives_the_same_events_as_one_read(stream, data):
 @PROPERTY
 @given(stream=streams, data=st.data())
 def test_events_match_the_spec_reference(stream, data):
-    expected, last_id, retry, tail = reference_parse(stream)
+    expected, last_id, retry, tail, id_buffer = reference_parse(stream)
     events, parser = parse(stream, reads=_draw_reads(data, stream))
     assert as_tuples(events) == expected
-    assert (parser.last_event_id, parser.retry, parser.discarded_tail) == (last_id, retry, tail)
+    assert (parser.resume_event_id, parser.retry, parser.discarded_tail) == (last_id, retry, tail)
+    assert parser.last_event_id == id_buffer
 
 
 def _limited_outcome(stream: bytes, reads: list[bytes], limit: int) -> tuple:
