@@ -53,6 +53,16 @@ aarch64 would need release stores for `tail`/`head` (or `dmb ish` before them), 
 of those directly, so `check_platform()` refuses anything but x86-64 Linux with
 `UnsupportedPlatformError` (the in-process pipeline still works everywhere).
 
+Hot paths. At one message per call the interpreter's per-operation cost is the whole cost (an
+integer result above 256 is an allocation, ~15-25 ns), so `try_write`, `try_write_batch` and
+`read_available` do the fewest operations per entry: the producer stores header and payload with
+one `struct.pack_into("<II{n}s")` compiled once per size (a payload `s` does not take, such as a
+memoryview, falls back to slice-and-store); the consumer reads a header with one `unpack_from`,
+walks offsets within a lap instead of masking a counter per entry, and slices payloads from a view
+that starts 8 bytes in. Measured in-process on the 2-core machine, 64 B payloads (min of rounds):
+try_write ~390 -> ~270 ns, try_write_batch ~300 -> ~175 ns per entry, read_available ~320 -> ~235 ns
+per entry. The entry header needs no atomic store: the consumer reads it only below a published `tail`.
+
 Waiting. A blocked side spins for a short adaptive time (it grows when spinning pays off and
 shrinks when it ends in a park), then sets its waiting flag, fences, re-checks, and sleeps on an
 eventfd doorbell. The other side writes the doorbell only when it sees the flag set, so a busy
@@ -67,6 +77,7 @@ import struct
 import sys
 import threading
 import time
+from itertools import islice
 from typing import Callable, Iterable, Sequence
 
 from .doorbell import Doorbell, PeerAlive, PeerDiedError
@@ -111,9 +122,30 @@ _CHUNK = 0x40000000  # this entry is one chunk of a larger payload
 _FIRST = 0x20000000  # first chunk
 MAX_KIND = _FIRST - 1
 
-# Entry header: u32 payload length, u32 kind, little-endian; read and written as one u64
-# (length | kind << 32) through a 'Q' view of the data area.
+# Entry header: u32 payload length, u32 kind, little-endian. The header needs no atomic store (the
+# consumer reads it only after it sees a `tail` past it), so the hot paths use struct: the consumer
+# reads it with one unpack_from (no shifts or masks on a u64), and the producer writes header and
+# payload together with one pack_into of "<II{n}s", compiled once per payload size (_learn_size).
 _ENTRY = struct.Struct("<II")
+_unpack_entry = _ENTRY.unpack_from
+
+# Packers for whole entries (header + payload) by payload size, one table per largest-entry size
+# (so a cached size always fits the ring as one entry: the hot path needs no size check), shared
+# by the rings of that size in this process. Bounded, because payload sizes vary (a cached size
+# costs ~380 B, so a full table ~0.8 MB): past the bound a size not cached takes the
+# slice-and-store path, ~70 ns slower per write.
+_PACKER_TABLES: dict[int, dict[int, Callable]] = {}
+_PACKERS_MAX = 2048
+
+
+def _packer_table(chunk: int) -> dict[int, Callable]:
+    return _PACKER_TABLES.setdefault(chunk, {})
+
+
+def _learn_size(table: dict[int, Callable], n: int) -> None:
+    """Cache a packer for n-byte payloads (n already checked to fit one entry)."""
+    if len(table) < _PACKERS_MAX:
+        table[n] = struct.Struct(f"<II{n}s").pack_into
 
 # A parked side re-checks after _RECHECK_S even if nobody rang (closes the publish/flag race, see
 # "Parking"), then every _IDLE_RECHECK_S (belt and braces; negligible CPU when idle).
@@ -200,7 +232,7 @@ class Ring:
     wait_readable_async. Each process uses one side."""
 
     __slots__ = (
-        "_seg", "_hq", "_data", "_cap", "_mask", "_chunk", "_max_need",
+        "_seg", "_hq", "_data", "_data8", "_packers", "_packer_get", "_cap", "_mask", "_chunk", "_max_need",
         "_data_bell", "_space_bell", "_data_fd", "_space_fd", "_owner",
         "_ptail", "_phead", "_plimit", "_pend", "_pfast", "_dq", "late_wakeups", "_cpos", "_chead", "_partial",
         "_cspin", "_pspin", "_peer_sentinel", "_peer_alive", "orphaned", "__weakref__",
@@ -221,10 +253,15 @@ class Ring:
         self._data = buf[HEADER_SIZE : HEADER_SIZE + cap]
         # Entry headers as u64 (length | kind << 32, little-endian = the u32 pair): one store each.
         self._dq = self._data.cast("Q")
+        # The data area from byte 8: an entry's payload at `off` is data8[off : off + n], which
+        # saves the consumer one integer add (an allocation in CPython) per entry.
+        self._data8 = self._data[8:]
         self._cap = cap
         self._mask = cap - 1
         self._max_need = cap // 4  # largest entry, header included
         self._chunk = self._max_need - 8  # largest payload in one entry
+        self._packers = _packer_table(self._chunk)
+        self._packer_get = self._packers.get
         self._data_bell = data_bell
         self._space_bell = space_bell
         self._data_fd = data_bell.fileno()
@@ -322,8 +359,9 @@ class Ring:
             return
         self._hq.release()
         self._dq.release()
+        self._data8.release()
         self._data.release()
-        self._hq = self._data = self._dq = None
+        self._hq = self._data = self._data8 = self._dq = None
         self._seg.close()
         self._data_bell.close()
         self._space_bell.close()
@@ -406,26 +444,35 @@ class Ring:
 
         A payload larger than `max_entry_payload` goes as chunks, all or nothing; one larger than
         the capacity can only go through `write()` (ValueError here)."""
+        # The per-message hot path, kept to the fewest interpreter operations (each integer op
+        # above 256 allocates): one size lookup, one C call that stores header and payload, the
+        # tail store, the flag load. Everything unusual goes to _try_write_other.
         n = len(payload)
-        if n > self._chunk or kind > MAX_KIND:
-            return self._try_write_slow(kind, payload, publish=True)
-        need = (n + 15) & -8
         tail = self._ptail
-        off = tail & self._mask
-        if tail + need > self._pfast:
-            # Rare: a pad is needed, or the cached head says the ring may be full.
-            if not self._put(kind, payload, n):
-                return False
-            self._publish(self._ptail)
-            return True
-        self._data[off + 8 : off + 8 + n] = payload
-        self._dq[off >> 3] = n | kind << 32
-        tail += need
-        self._ptail = tail
+        end = tail + ((n + 15) & -8)
+        pack = self._packer_get(n)  # None for a size not seen yet, or one that needs chunks
+        if pack is None or end > self._pfast or kind > MAX_KIND:
+            return self._try_write_other(kind, payload, n)
+        try:
+            pack(self._data, tail & self._mask, n, kind, payload)
+        except struct.error:  # a payload "s" does not take (memoryview, array), or a negative kind
+            return self._try_write_other(kind, payload, n)
+        self._ptail = end
         hq = self._hq
-        hq[_I_TAIL] = tail  # _publish() inlined: this is the per-message hot path
+        hq[_I_TAIL] = end  # _publish() inlined
         if hq[_I_CWAIT]:
             _eventfd_write(self._data_fd, 1)
+        return True
+
+    def _try_write_other(self, kind: int, payload, n: int) -> bool:
+        """try_write off the hot path: a new payload size, a pad, a full-looking ring, chunks."""
+        if n > self._chunk or not 0 <= kind <= MAX_KIND:
+            return self._try_write_slow(kind, payload, publish=True)
+        if n not in self._packers:
+            _learn_size(self._packers, n)
+        if not self._put(kind, payload, n):
+            return False
+        self._publish(self._ptail)
         return True
 
     def _put(self, kind: int, payload, n: int, checked: bool = False) -> bool:
@@ -533,30 +580,34 @@ class Ring:
 
     def try_write_batch(self, items: Sequence[tuple[int, object]], start: int = 0) -> int:
         """Write items[start:] (kind, payload) while they fit; publish once. Returns how many."""
+        # try_write's hot path per entry, with the ring's fields in locals and one publish.
         tail = self._ptail
-        pfast = self._pfast
-        cap, mask, chunk, data, dq = self._cap, self._mask, self._chunk, self._data, self._dq
+        pfast, chunk, mask, data = self._pfast, self._chunk, self._mask, self._data
+        packer_get = self._packer_get
         count = 0
-        for i in range(start, len(items)):
-            kind, payload = items[i]
+        for kind, payload in (items if not start else islice(items, start, None)):
             n = len(payload)
-            need = (n + 15) & -8
-            off = tail & mask
-            if n > chunk or kind > MAX_KIND or tail + need > pfast:
-                # Rare: chunks, a pad, or the cached head says full. The careful path.
-                self._ptail = tail
-                if n > chunk or kind > MAX_KIND:
-                    ok = self._try_write_slow(kind, payload, publish=False, strict=False)
-                else:
-                    ok = self._put(kind, payload, n)
-                if not ok:
-                    break
-                tail, pfast = self._ptail, self._pfast
-                count += 1
-                continue
-            data[off + 8 : off + 8 + n] = payload
-            dq[off >> 3] = n | kind << 32
-            tail += need
+            end = tail + ((n + 15) & -8)
+            pack = packer_get(n)
+            if pack is not None and end <= pfast and kind <= MAX_KIND:
+                try:
+                    pack(data, tail & mask, n, kind, payload)
+                    tail = end
+                    count += 1
+                    continue
+                except struct.error:
+                    pass
+            # Rare: a new size, chunks, a pad, or the cached head says full. The careful path.
+            self._ptail = tail
+            if n > chunk or not 0 <= kind <= MAX_KIND:
+                ok = self._try_write_slow(kind, payload, publish=False, strict=False)
+            else:
+                if n not in self._packers:
+                    _learn_size(self._packers, n)
+                ok = self._put(kind, payload, n)
+            if not ok:
+                break
+            tail, pfast = self._ptail, self._pfast
             count += 1
         self._ptail = tail
         if count:
@@ -621,33 +672,47 @@ class Ring:
         Views point into the ring and stay valid until `release()`; use or copy them before.
         Chunked payloads come out whole (a private copy). Pad entries never show.
         `max_bytes` (0: no limit) stops at the first entry boundary past that much ring space, so
-        a consumer that releases per slice lets the producer refill in parallel."""
+        a consumer that releases per slice lets the producer refill in parallel; slices of ~16 KiB
+        also keep a busy consumer's views in cache (unbounded reads of a full 1 MiB ring cost up
+        to twice as much per entry, bench/ring.py)."""
+        pos = self._cpos
         tail = self._hq[_I_TAIL]
-        pos = start = self._cpos
         if pos == tail:
             return []
         if max_bytes and tail - pos > max_bytes:
             tail = pos + max_bytes  # loop bound only: every entry starting below it is published
         out = []
-        append = out.append
-        data, dq, mask, cap = self._data, self._dq, self._mask, self._cap
+        data, data8, unpack = self._data, self._data8, _unpack_entry
+        # Walk by offset within one lap (no `& mask` per entry); entries never cross the end of
+        # the data area, so a lap ends exactly at `cap` (a pad runs up to it).
+        cap = self._cap
+        off = pos & self._mask
+        base = pos - off
+        stop = tail - base
         partial = self._partial
-        while pos < tail:
-            off = pos & mask
-            h = dq[off >> 3]
-            n = h & 0xFFFFFFFF
-            kind = h >> 32
-            if kind <= MAX_KIND and partial is None:
-                append((kind, data[off + 8 : off + 8 + n]))
-                pos += (n + 15) & -8
-            elif kind == _PAD:
-                pos += cap - off
-            else:
-                partial = self._take_chunk(kind, data[off + 8 : off + 8 + n], partial, append)
-                pos += (n + 15) & -8
+        plain = MAX_KIND if partial is None else -1  # kinds taken as is (none while reassembling)
+        while True:
+            lap_stop = stop if stop < cap else cap
+            while off < lap_stop:
+                n, kind = unpack(data, off)
+                if kind <= plain:
+                    end = off + n
+                    out.append((kind, data8[off:end]))  # 3.11 specialises list.append
+                    off = (end + 15) & -8  # = off + entry size, as off is a multiple of 8
+                elif kind == _PAD:
+                    off = cap
+                else:
+                    partial = self._take_chunk(kind, data8[off : off + n], partial, out.append)
+                    plain = MAX_KIND if partial is None else -1
+                    off += (n + 15) & -8
+            if stop <= cap:
+                break
+            base += cap  # on into the next lap
+            stop -= cap
+            off = 0
         self._partial = partial
-        self._cpos = pos
-        if not out and self._chead == start:
+        self._cpos = base + off
+        if not out and self._chead == pos:
             # Only pads or chunks of an unfinished payload, and no views outstanding: hand the
             # space back now, or a producer waiting to send the rest of the payload would stall.
             self.release()

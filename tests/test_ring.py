@@ -3,6 +3,7 @@ index arithmetic far from zero (hypothesis), and a 10-million-entry cross-proces
 
 from __future__ import annotations
 
+import array
 import asyncio
 import multiprocessing as mp
 import os
@@ -183,6 +184,90 @@ def test_kinds_outside_the_user_range_are_refused(pair):
         prod.try_write(MAX_KIND + 1, b"x")
     with pytest.raises((ValueError, OverflowError)):
         prod.try_write(-1, b"x")
+
+
+# ---- payload forms and the edges of the fast paths ---------------------------------------------
+
+
+def _payload_forms(raw: bytes) -> list:
+    """The same bytes in each form a caller may hand the ring (buffers of single bytes)."""
+    return [raw, bytearray(raw), memoryview(raw), memoryview(bytearray(raw))[1:], array.array("B", raw)]
+
+
+def test_every_bytes_like_form_arrives_byte_exact_through_try_write(pair):
+    prod, cons = pair
+    raw = bytes(range(1, 101))
+    forms = _payload_forms(raw)
+    for kind, form in enumerate(forms, start=1):
+        assert prod.try_write(kind, form)
+    assert take(cons) == [(1, raw), (2, raw), (3, raw), (4, raw[1:]), (5, raw)]
+
+
+def test_every_bytes_like_form_arrives_byte_exact_through_try_write_batch(pair):
+    prod, cons = pair
+    raw = bytes(range(3, 67))
+    items = [(k, f) for k, f in enumerate(_payload_forms(raw), start=1)]
+    assert prod.try_write_batch(items) == len(items)
+    assert take(cons) == [(1, raw), (2, raw), (3, raw), (4, raw[1:]), (5, raw)]
+
+
+def test_a_negative_kind_is_refused_with_value_error_and_nothing_published(pair):
+    prod, cons = pair
+    with pytest.raises(ValueError):
+        prod.try_write(-1, b"abc")
+    with pytest.raises(ValueError):
+        prod.try_write_batch([(-5, b"bad")])
+    assert cons.read_available() == []
+    assert prod.try_write(2, b"after")
+    assert take(cons) == [(2, b"after")]
+
+
+def test_payload_sizes_beyond_the_packer_cache_still_arrive_exact(pair, monkeypatch):
+    prod, cons = pair
+    # A full size cache: every size not in it takes the slower slice-and-store path.
+    monkeypatch.setattr(ringmod, "_PACKERS_MAX", 3)
+    table = prod._packers
+    saved = dict(table)
+    table.clear()
+    try:
+        sent = [(7, bytes([n % 251]) * n) for n in (5, 9, 17, 33, 65, 129, 5, 200)]
+        for kind, payload in sent[:4]:
+            assert prod.try_write(kind, payload)
+        assert prod.try_write_batch(sent[4:]) == 4
+        assert len(table) == 3
+        assert take(cons) == sent
+    finally:
+        table.clear()
+        table.update(saved)
+
+
+def test_one_read_walks_past_an_entry_that_ends_exactly_at_the_end_of_the_data_area(pair):
+    prod, cons = pair
+    quarter = 4096 // 4 - 8  # largest payload in one entry: 1016 bytes, entry 1024
+    for _ in range(2):
+        assert prod.try_write(1, b"\0" * quarter)
+    take(cons)  # the consumer now stands at byte 2048
+    sent = [(2, b"b" * quarter), (3, b"c" * quarter), (4, b"d" * quarter)]  # 2048..4096, then 0..1024
+    for k, p in sent:
+        assert prod.try_write(k, p)
+    assert prod.occupancy == 3 * 1024  # no pad: the second entry ends exactly at the end
+    assert take(cons) == sent
+    assert cons.occupancy == 0
+
+
+def test_read_available_with_max_bytes_1_takes_exactly_one_entry_per_call(pair):
+    prod, cons = pair
+    sent = [(k, bytes([k]) * (k * 10)) for k in range(1, 6)]
+    assert prod.try_write_batch(sent) == 5
+    got = []
+    for _ in range(5):
+        out = cons.read_available(1)
+        assert len(out) == 1
+        got += [(k, bytes(v)) for k, v in out]
+        del out
+        cons.release()
+    assert got == sent
+    assert cons.read_available(1) == []
 
 
 # ---- batches and the soft limit ---------------------------------------------------------------
