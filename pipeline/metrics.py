@@ -247,7 +247,9 @@ class StreamMetrics:
                 self.itl_max_ns = per
             if self.itl_min_ns is None or per < self.itl_min_ns:
                 self.itl_min_ns = per
-            key = _bucket(per)
+            # _bucket(per), inlined: this runs once per read on a pool worker's hot path.
+            shift = per.bit_length() - _SUB_BITS
+            key = per if shift <= 0 else (per >> shift) << shift
             itl = self._itl
             itl[key] = itl.get(key, 0) + n
         self.last_token_ns = read_ns

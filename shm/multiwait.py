@@ -8,11 +8,16 @@ and an idle consumer uses no CPU.
 
 from __future__ import annotations
 
+import os
 import select
 import time
 from collections.abc import Sequence
 
-from .ring import _I_CWAIT, _I_TAIL, Ring, _fence
+from .ring import _I_CWAIT, _I_TAIL, _RECHECK_S, Ring, _fence
+
+_RECHECK_MS = max(1, int(_RECHECK_S * 1000))
+_monotonic_ns = time.monotonic_ns
+_sched_yield = getattr(os, "sched_yield", lambda: None)
 
 
 def any_readable(rings: Sequence[Ring]) -> bool:
@@ -23,10 +28,32 @@ def any_readable(rings: Sequence[Ring]) -> bool:
     return False
 
 
-def wait_any(rings: Sequence[Ring], timeout: float | None, sentinels: Sequence[int] = ()) -> list[int]:
+def spin_until_readable(rings: Sequence[Ring], budget_ns: int) -> bool:
+    """Poll the rings' tails for up to budget_ns (yielding the core between polls); True as soon
+    as one is readable."""
+    end = _monotonic_ns() + budget_ns
+    while True:
+        for _ in range(8):
+            if any_readable(rings):
+                return True
+        if _monotonic_ns() >= end:
+            return False
+        # A runnable producer may be queued behind us on an oversubscribed machine.
+        _sched_yield()
+
+
+def wait_any(rings: Sequence[Ring], timeout: float | None, sentinels: Sequence[int] = (),
+             spin_ns: int = 0) -> list[int]:
     """Sleep until a ring becomes readable or a sentinel fd becomes readable, or `timeout`
-    seconds pass. Returns the sentinels that fired (empty when a ring woke us or on timeout)."""
+    seconds pass. Returns the sentinels that fired (empty when a ring woke us or on timeout).
+
+    With `spin_ns`, first poll the tails that long (no system call when data comes soon). A
+    parked wait re-checks the tails after 1 ms even if no doorbell rang: a producer's unfenced
+    publish can miss our waiting flag (shm/ring.py, "Parking"); such wake-ups are counted in the
+    rings' `late_wakeups`."""
     if any_readable(rings):
+        return []
+    if spin_ns and spin_until_readable(rings, spin_ns):
         return []
     poller = select.poll()
     bells = {}
@@ -43,8 +70,11 @@ def wait_any(rings: Sequence[Ring], timeout: float | None, sentinels: Sequence[i
         if any_readable(rings):
             return []
         deadline = None if timeout is None else time.monotonic() + timeout
+        first = True
         while True:
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+            if first:
+                wait_ms = _RECHECK_MS if wait_ms is None else min(wait_ms, _RECHECK_MS)
             events = poller.poll(wait_ms)
             fired = [fd for fd, _ in events if fd not in bells]
             for fd, _ in events:
@@ -53,13 +83,25 @@ def wait_any(rings: Sequence[Ring], timeout: float | None, sentinels: Sequence[i
                     bell.drain()
             if fired:
                 return fired
-            if events or any_readable(rings):
+            if events:
                 return []
+            if any_readable(rings):
+                if first:
+                    _count_late(rings)
+                return []
+            first = False
             if deadline is not None and time.monotonic() >= deadline:
                 return []
     finally:
         for ring in rings:
             ring._hq[_I_CWAIT] = 0
+
+
+def _count_late(rings: Sequence[Ring]) -> None:
+    # Data is there and no doorbell rang (one rung just after our timer is not a miss).
+    for ring in rings:
+        if ring._hq[_I_TAIL] != ring._cpos and not ring._data_bell.drain():
+            ring.late_wakeups += 1
 
 
 def closed_and_drained(ring: Ring) -> bool:
@@ -98,17 +140,35 @@ async def wait_any_async(rings: Sequence[Ring], timeout: float | None = None, se
     for ring in rings:
         ring._hq[_I_CWAIT] = 1
     _fence()
+    timer = None
     try:
         if any_readable(rings):
             return []
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def on_timer(first: bool) -> None:
+            nonlocal timer
+            if fut.done():
+                return
+            if any_readable(rings):
+                if first:
+                    _count_late(rings)
+                fut.set_result(None)
+            elif deadline is None or loop.time() < deadline:
+                # Past the 1 ms re-check (see wait_any): sleep until the deadline or a doorbell.
+                timer = None if deadline is None else loop.call_at(deadline, on_timer, False)
+            else:
+                fut.set_result(None)
+
+        first_at = loop.time() + _RECHECK_S
+        timer = loop.call_at(first_at if deadline is None else min(first_at, deadline), on_timer, True)
+        await fut
         for ring in rings:
             ring._data_bell.drain()
         return fired
     finally:
+        if timer is not None:
+            timer.cancel()
         for ring in rings:
             ring._hq[_I_CWAIT] = 0
         for fd in fds:

@@ -1,16 +1,19 @@
 """The ingest process: network reads (or replays of recorded bytes) and SSE framing, nothing more.
 
-Streams arrive as StreamOpen records on the submission ring. Each runs as one asyncio task that
-reads its body (`pipeline.http.HttpStreamHandler`, or a `Replay`'s reads), parses the framing and
-hands the parser's events, batched per read with the read time, to the ring of the worker that
-owns the stream. Records are collected per loop tick and written with one publication per ring
-(`_flush`); a record larger than one ring entry goes as continuation parts
+Streams arrive as StreamOpen records on the submission ring. An HTTP stream runs as one asyncio
+task that reads its body (`pipeline.http.HttpStreamHandler`); replays (`Replay` sources) have no
+task each: one scheduler coroutine takes one read of every unpaced replay per pass (what a socket
+loop over that many connections does), and one timer-driven coroutine takes the paced replays'
+reads as they fall due. Either way the framing is parsed here and the parser's events, batched
+per read with the read time, go to the ring of the worker that owns the stream. Records are
+collected per ring and written with one publication per loop tick, or as soon as `_FLUSH_ITEMS`
+have collected (`_flush`); a record larger than one ring entry goes as continuation parts
 (`protocol.split_payload`), so no write ever blocks the loop.
 
 Backpressure: one BackpressureController per event ring turns the worker's reported queue delay
 into the ring's soft limit; while a ring is above it, the tasks of that worker's streams stop
-reading, so TCP pushes back on the servers. At most one read per stream waits in `pending`
-while its ring is full: nothing buffers without bound.
+reading (and the schedulers skip its replays), so TCP pushes back on the servers. At most one
+read per stream waits in `pending` while its ring is full: nothing buffers without bound.
 
 Replay after a worker crash: each stream keeps the ring items sent to its worker (bounded by
 `replay_log_bytes`) until the worker says the stream is done; when the caller reports a
@@ -23,6 +26,8 @@ RateLimiter); workers report each finished stream's output tokens (`OP_TOKENS_US
 from __future__ import annotations
 
 import asyncio
+import bisect
+import heapq
 import logging
 import os
 import signal
@@ -50,16 +55,20 @@ from shm.multiwait import park_producer, space_fd, unpark_producer
 from shm.ring import Ring, RingClosedError, RingHandle
 
 from .protocol import (
+    JOIN_OVERHEAD,
     KIND_PART,
     KIND_SSE,
+    KIND_SSE_LIST,
     OP_QUEUE_DELAY,
     OP_TOKENS_USED,
     OP_WORKER_RESTARTED,
     PartAssembler,
     SseBatch,
+    join_batches,
     options_decoder,
     owner_sentinel,
     ring_items,
+    tune_gc,
 )
 
 log = logging.getLogger("streamring.ingest")
@@ -71,9 +80,16 @@ _BLOCKED_RETRY_S = 0.001
 # tasks it cancelled.
 _LOOP_WAKE_S = 0.25
 _STOP_WAIT_S = 1.0
-# An unpaced replay yields to the loop after this many reads (a socket read would yield after
-# every one): streams still interleave, without one loop round trip per read.
-_REPLAY_YIELD_EVERY = 16
+# A ring's pending records are written as soon as this many have collected, not only once per
+# loop tick: a tick that reads a thousand streams would otherwise hand the worker nothing until
+# its end, and the worker would idle while the ingest works (and the other way round).
+_FLUSH_ITEMS = 64
+# The replay scheduler yields to the event loop after this many reads (submissions, controls and
+# socket streams get their turn), and at the end of every pass over its streams.
+_REPLAY_YIELD_READS = 256
+# Event batches joined into one ring entry stay under this many bytes, so a worker starts on the
+# first of them while the ingest writes the next (and a soft limit keeps its granularity).
+_JOIN_MAX_BYTES = 32 * 1024
 
 
 class _IngestStream:
@@ -98,10 +114,16 @@ def _replay_read_size(read_size: int) -> int | str:
     return {0: "event", -1: "recorded"}.get(read_size, read_size)
 
 
-async def _aiter_fast(data: bytes, read_size: int | str):
+def _iter_fast(recording: Any, read_size: int | str):
     """Unpaced replay reads. Where every line ends in LF (nearly every recording), one read per
     event is a C-level split on blank lines rather than pipeline.recording's regex scan (any cut
     parses the same; only the read pattern matters here)."""
+    data = recording.data
+    if read_size == "recorded":
+        from pipeline.recording import iter_replay_chunks
+
+        yield from iter_replay_chunks(recording, read_size)
+        return
     if read_size == "event" and b"\r" not in data:
         pieces = data.split(b"\n\n")
         last = pieces.pop()
@@ -120,6 +142,65 @@ async def _aiter_fast(data: bytes, read_size: int | str):
         return
     for i in range(0, len(data), read_size):
         yield data[i : i + read_size]
+
+
+def _paced_reads(recording: Any, read_size: int | str, pace: float, t0: float):
+    """`(due, chunk)` per read of a paced replay: each read is due (loop time) when the recorded
+    read holding its last byte was, divided by `pace` (as pipeline.recording.aiter_replay)."""
+    from pipeline.recording import iter_replay_chunks
+
+    reads = recording.reads
+    scale = 1e-9 / pace
+    if read_size == "recorded" and reads:
+        # The reads are the recorded ones: no search for the read holding each chunk's end.
+        data = recording.data
+        start = 0
+        for end, t_ns in reads:
+            if end > start:
+                yield t0 + t_ns * scale, data[start:end]
+                start = end
+        return
+    offsets = [o for o, _ in reads]
+    last = len(offsets) - 1
+    end = 0
+    for chunk in iter_replay_chunks(recording, read_size):
+        end += len(chunk)
+        if offsets:
+            yield t0 + reads[min(bisect.bisect_left(offsets, end), last)][1] * scale, chunk
+        else:
+            yield t0, chunk
+
+
+def _set_done(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _ReplayJob:
+    """A replay driven by one of the ingest's replay schedulers instead of a task of its own.
+    Quacks like the stream's task where the ingest cancels or inspects it (`cancel`, `done`)."""
+
+    __slots__ = ("st", "reads", "parser", "pending", "finished", "_on_cancel")
+
+    def __init__(self, st: _IngestStream, reads: Any, parser: SseParser, on_cancel: Any) -> None:
+        self.st = st
+        self.reads = reads  # an iterator of the stream's reads
+        self.parser = parser
+        self.pending = 0  # bytes read since the last batch
+        self.finished = False
+        self._on_cancel = on_cancel
+
+    def done(self) -> bool:
+        return self.finished
+
+    def cancel(self) -> bool:
+        """End now: the stream ends "cancelled" unless its worker already stopped it."""
+        if self.finished:
+            return False
+        self.finished = True
+        self.reads = self.parser = None
+        self._on_cancel(self.st)
+        return True
 
 
 def _secrets_of(src: Source) -> tuple[str, ...]:
@@ -183,7 +264,18 @@ class Ingest:
             for r in event_rings
         ]
         self._flush_scheduled = False
+        self._jobs: list[_ReplayJob] = []  # unpaced replays (see _run_replays)
+        self._scheduler: asyncio.Task | None = None
+        # Paced replays (see _run_paced): due millisecond -> reads, a heap of those milliseconds,
+        # and reads held back by a full ring.
+        self._paced: dict[int, list[tuple[_ReplayJob, bytes]]] = {}
+        self._paced_keys: list[int] = []
+        self._paced_gated: list[tuple[_ReplayJob, bytes]] = []
+        self._paced_task: asyncio.Task | None = None
+        self._paced_sleep: asyncio.Future | None = None
+        self._paced_wake_at = 0.0
         self._shutdown: asyncio.Event | None = None
+        self._failed: list[BaseException] = []
         self._http: Any = None
         self._http_options: Any = None
         self._limiter: Any = None
@@ -209,7 +301,9 @@ class Ingest:
                 lg.append(item)
             else:
                 lg.extend(items)
-        if not self._flush_scheduled:
+        if len(self.pending[w]) >= _FLUSH_ITEMS:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
@@ -225,28 +319,67 @@ class Ingest:
                 continue
             ring = self.event_rings[w]
             # Every item fits one entry (larger payloads were split), so this never blocks.
-            n = ring.try_write_batch(items)
-            if n:
-                del items[:n]
+            self._write_pending(ring, items, w)
+            while items and not self.parked[w]:
+                if park_producer(ring):
+                    # Woken by the worker's release (its doorbell), not by polling.
+                    self.parked[w] = True
+                    self.loop.add_reader(space_fd(ring), self._on_space, w)
+                    break
+                # Room appeared since the write failed: use it now, not after a timer.
+                unpark_producer(ring)
+                self._write_pending(ring, items, w)
             if items:
                 retry = True
                 if not self.blocked[w]:
                     self.blocked[w] = True
                     self.stalls += 1
                     self.gates[w].clear()
-                if not self.parked[w]:
-                    if park_producer(ring):
-                        # Woken by the worker's release (its doorbell), not by polling.
-                        self.parked[w] = True
-                        self.loop.add_reader(space_fd(ring), self._on_space, w)
-                    else:
-                        unpark_producer(ring)
             elif self.blocked[w]:
                 self.blocked[w] = False
                 self.gates[w].set()
+                if self._paced_gated:
+                    self._wake_paced()
         if retry and not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_later(_BLOCKED_RETRY_S, self._flush)
+
+    def _write_pending(self, ring: Ring, items: list[tuple[int, bytes]], w: int) -> None:
+        """Write what fits of `items` (removing it), runs of event batches joined into
+        KIND_SSE_LIST entries: one ring entry and one decode call in the worker for many reads."""
+        if len(items) == 1:
+            if ring.try_write_batch(items):
+                items.clear()
+            return
+        limit = min(self.max_entry[w], _JOIN_MAX_BYTES) - JOIN_OVERHEAD
+        entries: list[tuple[int, bytes]] = []
+        counts: list[int] = []
+        run: list[bytes] = []
+        size = 0
+        for kind, payload in items:
+            if kind == KIND_SSE and size + len(payload) <= limit:
+                run.append(payload)
+                size += len(payload)
+                continue
+            if run:
+                entries.append((KIND_SSE_LIST, join_batches(run)) if len(run) > 1 else (KIND_SSE, run[0]))
+                counts.append(len(run))
+                run = []
+                size = 0
+            if kind == KIND_SSE:
+                run.append(payload)
+                size = len(payload)
+            else:
+                entries.append((kind, payload))
+                counts.append(1)
+        if run:
+            entries.append((KIND_SSE_LIST, join_batches(run)) if len(run) > 1 else (KIND_SSE, run[0]))
+            counts.append(len(run))
+        n = ring.try_write_batch(entries)
+        if n == len(entries):
+            items.clear()
+        elif n:
+            del items[: sum(counts[:n])]
 
     def _on_space(self, w: int) -> None:
         ring = self.event_rings[w]
@@ -266,6 +399,10 @@ class Ingest:
         # The worker learns of the stream (dialect, options) first; it needs no source (and
         # must never see the request's credentials).
         self._send(st, StreamOpen(rec.stream_id, rec.source_index, rec.dialect, _NO_SOURCE, rec.custom_id, rec.options))
+        src = rec.source
+        if src.replay_path is not None or src.replay_bytes is not None:
+            self._add_replay_job(st, src)
+            return
         st.task = task = self.loop.create_task(self._run_stream(st, rec))
         # A task cancelled before its first step never runs its body (and its except clause):
         # make sure the worker still hears that the stream ended.
@@ -275,22 +412,26 @@ class Ingest:
     async def _run_stream(self, st: _IngestStream, rec: StreamOpen) -> None:
         src = rec.source
         try:
-            if src.replay_path is not None or src.replay_bytes is not None:
-                tail = await self._read_replay(st, src)
-            else:
-                st.secrets = _secrets_of(src)
-                tail = await self._read_http(st, src, rec)
+            st.secrets = _secrets_of(src)
+            tail = await self._read_http(st, src, rec)
             self._end(st, StreamEnd(st.stream_id, st.seq, "eof-tail" if tail else "eof"))
         except asyncio.CancelledError:
-            if not st.stopped:
-                self._end(st, StreamEnd(st.stream_id, st.seq, "cancelled", None, "cancelled", "cancelled by the caller"))
-        except StreamError as exc:
+            self._end_cancelled(st)
+        except Exception as exc:  # anything unexpected ends this stream only
+            self._end_failed(st, exc)
+
+    def _end_cancelled(self, st: _IngestStream) -> None:
+        if not st.stopped:
+            self._end(st, StreamEnd(st.stream_id, st.seq, "cancelled", None, "cancelled", "cancelled by the caller"))
+
+    def _end_failed(self, st: _IngestStream, exc: Exception) -> None:
+        if isinstance(exc, StreamError):
             self._end(st, StreamEnd(st.stream_id, st.seq, "error", exc.http_status, exc.kind,
                                     _scrub(exc.message, st.secrets)))
-        except Exception as exc:  # anything unexpected ends this stream only
-            message = _scrub(f"{type(exc).__name__}: {exc}", st.secrets)
-            log.error("stream %d failed in the ingest: %s", st.stream_id, message)
-            self._end(st, StreamEnd(st.stream_id, st.seq, "error", None, "malformed", message))
+            return
+        message = _scrub(f"{type(exc).__name__}: {exc}", st.secrets)
+        log.error("stream %d failed in the ingest: %s", st.stream_id, message)
+        self._end(st, StreamEnd(st.stream_id, st.seq, "error", None, "malformed", message))
 
     def _end(self, st: _IngestStream, record: StreamEnd) -> None:
         if st.ended or st.stopped:
@@ -303,42 +444,184 @@ class Ingest:
         st.seq += 1
         self._send_items(st, KIND_SSE, payload)
 
-    async def _read_replay(self, st: _IngestStream, src) -> bool:
-        from pipeline.recording import Recording, aiter_replay
+    # --- unpaced replays: one scheduler, no task per stream ----------------------------------
+    #
+    # A task per replayed stream costs a task switch per read (or per few reads), more than the
+    # read itself when each read is one event. One coroutine instead takes one read of each
+    # active stream per pass, the interleaving a socket loop gives, and skips the streams of a
+    # worker whose ring is above its soft limit.
 
-        recording = Recording.load(src.replay_path) if src.replay_path is not None else Recording(src.replay_bytes)
+    def _add_replay_job(self, st: _IngestStream, src) -> None:
+        from pipeline.recording import Recording
+
+        try:
+            recording = Recording.load(src.replay_path) if src.replay_path is not None else Recording(src.replay_bytes)
+        except Exception as exc:
+            self._end_failed(st, exc)
+            return
         parser = SseParser(max_event_bytes=self.pipeline.max_event_bytes)
-        feed = parser.feed
-        gate = self.gates[st.worker]
-        paced = src.pace > 0
-        clock = time.monotonic_ns
-        reads = 0
-        pending = 0  # bytes read since the last batch
         read_size = _replay_read_size(src.read_size)
-        if paced or read_size == "recorded":
-            chunks = aiter_replay(recording, read_size, src.pace if paced else None)
-        else:
-            chunks = _aiter_fast(recording.data, read_size)
-        async for chunk in chunks:
-            if not gate.is_set():
-                await gate.wait()
-            read_ns = clock()
-            pending += len(chunk)
+        if src.pace > 0:
+            reads = _paced_reads(recording, read_size, src.pace, self.loop.time())
+            st.task = job = _ReplayJob(st, reads, parser, self._end_cancelled)
+            self._paced_push(job)
+            return
+        st.task = job = _ReplayJob(st, _iter_fast(recording, read_size), parser, self._end_cancelled)
+        self._jobs.append(job)
+        if self._scheduler is None or self._scheduler.done():
+            self._scheduler = self.loop.create_task(self._run_replays())
+            self._scheduler.add_done_callback(self._on_loop_done)
+
+    def _replay_step(self, job: _ReplayJob, chunk: bytes | None) -> bool:
+        """One read of a replay job (None: its end); False once the job is over."""
+        st = job.st
+        try:
+            if chunk is None:
+                job.finished = True
+                job.parser.close()
+                self._end(st, StreamEnd(st.stream_id, st.seq, "eof-tail" if job.parser.discarded_tail else "eof"))
+                job.reads = job.parser = None
+                return False
+            read_ns = time.monotonic_ns()
+            job.pending += len(chunk)
             try:
-                events = feed(chunk)
+                events = job.parser.feed(chunk)
             except TooLargeError as exc:
                 if isinstance(exc.received, list) and exc.received:
-                    self._batch(st, exc.received, read_ns, pending)
+                    self._batch(st, exc.received, read_ns, job.pending)
                 raise
             if events:
-                self._batch(st, events, read_ns, pending)
-                pending = 0
-            reads += 1
-            if not paced and reads % _REPLAY_YIELD_EVERY == 0:
-                # Where socket reads would yield to the loop, so do we: streams interleave.
+                self._batch(st, events, read_ns, job.pending)
+                job.pending = 0
+            return True
+        except Exception as exc:  # ends this stream only
+            job.finished = True
+            job.reads = job.parser = None
+            self._end_failed(st, exc)
+            return False
+
+    async def _run_replays(self) -> None:
+        jobs = self._jobs
+        gates = self.gates
+        reads = 0
+        while jobs:
+            moved = False
+            alive = []
+            keep = alive.append
+            # New jobs appended while this pass runs (an await below lets submissions in) are
+            # taken at the next pass: swap the list first.
+            self._jobs = jobs_next = []
+            for job in jobs:
+                if job.finished:
+                    continue
+                st = job.st
+                if not gates[st.worker].is_set():
+                    keep(job)
+                    continue
+                moved = True
+                if not self._replay_step(job, next(job.reads, None)):
+                    continue
+                keep(job)
+                reads += 1
+                if reads >= _REPLAY_YIELD_READS:
+                    reads = 0
+                    await asyncio.sleep(0)
+            alive += jobs_next
+            self._jobs = jobs = alive
+            if not moved and jobs:
+                # Every remaining stream waits for its worker's ring: sleep until a gate opens.
+                await self._any_gate()
+            else:
+                reads = 0
                 await asyncio.sleep(0)
-        parser.close()
-        return parser.discarded_tail
+
+    # Paced replays: one timer for all of them. Each job's next read waits in the slot of the
+    # millisecond it falls due in (the event loop's timers have that resolution anyway); the
+    # scheduler takes every read of every slot that is due, then sleeps until the next slot.
+
+    def _paced_push(self, job: _ReplayJob) -> None:
+        nxt = next(job.reads, None)
+        if nxt is None:
+            self._replay_step(job, None)
+            return
+        key = self._paced_slot(nxt[0], job, nxt[1])
+        if self._paced_task is None or self._paced_task.done():
+            self._paced_task = self.loop.create_task(self._run_paced())
+            self._paced_task.add_done_callback(self._on_loop_done)
+        elif key < self._paced_wake_at:
+            self._wake_paced()
+
+    def _paced_slot(self, due: float, job: _ReplayJob, chunk: bytes) -> int:
+        key = -int(-due * 1000.0 // 1.0)  # the millisecond it is due in, rounded up: never early
+        slot = self._paced.get(key)
+        if slot is None:
+            self._paced[key] = [(job, chunk)]
+            heapq.heappush(self._paced_keys, key)
+        else:
+            slot.append((job, chunk))
+        return key
+
+    def _wake_paced(self) -> None:
+        fut = self._paced_sleep
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _run_paced(self) -> None:
+        slots = self._paced
+        keys = self._paced_keys
+        gated = self._paced_gated
+        gates = self.gates
+        loop = self.loop
+        pop = heapq.heappop
+        put = self._paced_slot
+        step = self._replay_step
+        while keys or gated:
+            if gated:
+                # Reads held back while their worker's ring was full go first once it has room.
+                retry, gated[:] = gated[:], []
+            else:
+                retry = ()
+            now_ms = loop.time() * 1000.0
+            while retry or (keys and keys[0] <= now_ms):
+                if retry:
+                    batch, retry = retry, ()
+                else:
+                    batch = slots.pop(pop(keys))
+                for item in batch:
+                    job, chunk = item
+                    if job.finished:
+                        continue
+                    if not gates[job.st.worker].is_set():
+                        gated.append(item)
+                        continue
+                    if not step(job, chunk):
+                        continue
+                    nxt = next(job.reads, None)
+                    if nxt is None:
+                        step(job, None)
+                    else:
+                        put(nxt[0], job, nxt[1])  # a read already due lands in a due slot: taken now
+            if not keys and not gated:
+                break
+            wake_at = keys[0] if keys else now_ms + 3_600_000.0
+            fut = self._paced_sleep = loop.create_future()
+            self._paced_wake_at = wake_at
+            # (Held-back reads alone: the far timer; a gate opening or a new stream wakes us.)
+            timer = loop.call_at(wake_at / 1000.0, _set_done, fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self._paced_sleep = None
+                self._paced_wake_at = 0.0
+
+    async def _any_gate(self) -> None:
+        waits = [asyncio.ensure_future(g.wait()) for g in self.gates]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     def _http_setup(self) -> None:
         import aiohttp
@@ -480,6 +763,13 @@ class Ingest:
             del entries
             ring.release()
 
+    def _on_loop_done(self, task: asyncio.Task) -> None:
+        # A ring loop or replay scheduler must never fail: if one does, this process is broken,
+        # and exiting (the caller sees it at once) beats hanging.
+        if not task.cancelled() and task.exception() is not None:
+            self._failed.append(task.exception())
+            self._shutdown.set()
+
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self._shutdown = asyncio.Event()
@@ -490,17 +780,9 @@ class Ingest:
             self.loop.add_reader(self.parent_sentinel, self._shutdown.set)
         loops = [self.loop.create_task(self._read_submissions())]
         loops += [self.loop.create_task(self._read_controls(w)) for w in range(len(self.control_rings))]
-        failed: list[BaseException] = []
-
-        def on_loop_done(task: asyncio.Task) -> None:
-            # A ring loop must never end on its own: if one fails, this process is broken, and
-            # exiting (the caller sees it at once) beats hanging.
-            if not task.cancelled() and task.exception() is not None:
-                failed.append(task.exception())
-                self._shutdown.set()
-
+        failed = self._failed
         for t in loops:
-            t.add_done_callback(on_loop_done)
+            t.add_done_callback(self._on_loop_done)
         try:
             await self._shutdown.wait()
         finally:
@@ -511,6 +793,12 @@ class Ingest:
                 st.stopped = True
             for t in tasks + loops:
                 t.cancel()
+            # Replay jobs end at cancel(); only real tasks (and the scheduler) are waited for.
+            tasks = [t for t in tasks if isinstance(t, asyncio.Future)]
+            for t in (self._scheduler, self._paced_task):
+                if t is not None:
+                    t.cancel()
+                    tasks.append(t)
             # Not gather(): on Python 3.11 a cancel that lands as an inner wait_for completes is
             # lost (gh-86296), and such a task would hold the shutdown for ever. The ring loops
             # also stop on their own (they check _shutdown at least every _LOOP_WAKE_S).
@@ -540,6 +828,7 @@ def ingest_main(
     try:
         ingest = Ingest(index, pipeline, sub_ring, event_rings, control_rings, replay_log_bytes,
                         parent_sentinel, ingest_count)
+        tune_gc()
         try:
             import uvloop
 

@@ -20,6 +20,7 @@ from pipeline.tokens import StreamResult, StreamToken
 # Entry kinds beyond shm.records' 1..5.
 KIND_SSE = 16  # SseBatch: the events of one stream from one read
 KIND_PART = 17  # one piece of a payload larger than a ring entry (see split_payload)
+KIND_SSE_LIST = 18  # several SseBatch payloads joined into one msgpack array (see join_batches)
 
 # Output kinds.
 OUT_TOKENS = 1  # a batch of tokens of one stream (only when the caller wants tokens)
@@ -90,9 +91,28 @@ class ResultOut(msgspec.Struct, array_like=True, gc=False):
 options_encoder = msgspec.msgpack.Encoder()
 options_decoder = msgspec.msgpack.Decoder(StreamOptions)
 sse_batch_decoder = msgspec.msgpack.Decoder(SseBatch)
+sse_list_decoder = msgspec.msgpack.Decoder(list[SseBatch])
 envelope_decoder = msgspec.msgpack.Decoder(OutEnvelope)
 tokens_payload_decoder = msgspec.msgpack.Decoder(list[StreamToken])
 result_payload_decoder = msgspec.msgpack.Decoder(StreamResult)
+
+
+def join_batches(payloads: list[bytes]) -> bytes:
+    """One KIND_SSE_LIST payload from encoded SseBatches: a msgpack array is its header then its
+    elements' encodings back to back, so batches encoded once (and kept in the replay log as
+    they are) travel many to a ring entry, and the worker decodes them in one call."""
+    n = len(payloads)
+    if n < 16:
+        head = bytes((0x90 | n,))
+    elif n < 0x10000:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(payloads)
+
+
+# The msgpack array header join_batches adds, at most.
+JOIN_OVERHEAD = 5
 
 
 # --- continuation parts ------------------------------------------------------------------------
@@ -186,3 +206,23 @@ def owner_sentinel(owner_pid: int) -> int:
     except ProcessLookupError:
         raise SystemExit(0) from None
     return fd
+
+
+# --- garbage collection in pool children --------------------------------------------------------
+
+# Records crossing the rings, SSE events and tokens are gc=False Structs, so what a pool child
+# allocates per read is mostly untracked; what is tracked (lists, sessions' dicts) is freed by
+# reference counting. The cyclic collector's passes over the thousands of live sessions' containers
+# (and, for a full pass, every module object imported at start-up) only add pauses to the
+# latency tail, so pool children collect rarely and never re-scan the start-up heap.
+_GC_THRESHOLDS = (50_000, 50, 100)
+
+
+def tune_gc() -> None:
+    """For a pool child once it has started: move the start-up heap out of the collector's reach
+    (`gc.freeze`) and collect young objects every 50,000 allocations instead of 700."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)

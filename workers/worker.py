@@ -18,7 +18,7 @@ import msgspec
 
 from pipeline.core import StreamingPipeline, StreamSession
 from pipeline.tokens import Error
-from shm.multiwait import closed_and_drained, wait_any
+from shm.multiwait import closed_and_drained, spin_until_readable, wait_any
 from shm.records import (
     KIND_END,
     KIND_OPEN,
@@ -33,6 +33,7 @@ from .protocol import (
     FINAL_SEQ,
     KIND_PART,
     KIND_SSE,
+    KIND_SSE_LIST,
     OP_QUEUE_DELAY,
     OP_TOKENS_USED,
     OUT_RESULT,
@@ -45,10 +46,17 @@ from .protocol import (
     owner_sentinel,
     ring_items,
     sse_batch_decoder,
+    sse_list_decoder,
+    tune_gc,
 )
 
 # How often a worker tells each ingest its queue delay (the ingest's backpressure input).
 _DELAY_REPORT_NS = 20_000_000
+# Spin budget before parking on the event rings' doorbells: grows when spinning found data,
+# shrinks when it ended in a park (the bounds of shm/ring.py's own waits).
+_SPIN_MIN_NS = 2_000
+_SPIN_START_NS = 50_000
+_SPIN_MAX_NS = 200_000
 
 
 class _Stream:
@@ -149,10 +157,14 @@ def worker_main(
 ) -> None:
     """Process entry point of worker `index` of the pool owned by process `owner_pid`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides when we stop
+    # Each result carries its metrics to the caller, whose registry is the pool's: recording
+    # them here too (an HDR record per ITL bucket, per stream) would be work nobody reads.
+    pipeline.registry = None
     parent_sentinel = owner_sentinel(owner_pid)
     event_rings = [Ring.attach(h) for h in event_handles]
     control_rings = [Ring.attach(h) for h in control_handles]
     output_ring = Ring.attach(output_handle)
+    tune_gc()
     try:
         _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel)
     finally:
@@ -167,12 +179,14 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
     decode = codec.decode
     encode_bytes = codec.encode_bytes
     decode_batch = sse_batch_decoder.decode
+    decode_list = sse_list_decoder.decode
     on_events, on_end, on_open = core.on_events, core.on_end, core.on_open
     assemblers = [PartAssembler() for _ in event_rings]
     out_max = output_ring.max_entry_payload
     open_rings = list(range(len(event_rings)))
     last_report = time.monotonic_ns()
     sentinels = [parent_sentinel] if parent_sentinel is not None else []
+    spin = _SPIN_START_NS
     while open_rings:
         got = False
         for j in open_rings:
@@ -188,6 +202,9 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
             add = work.append
             view = payload = None
             for kind, view in entries:
+                if kind == KIND_SSE_LIST:
+                    work += decode_list(view)
+                    continue
                 if kind == KIND_SSE:
                     add(decode_batch(view))
                     continue
@@ -201,6 +218,8 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
                     payload = view
                 if kind == KIND_SSE:
                     add(decode_batch(payload))
+                elif kind == KIND_SSE_LIST:
+                    work += decode_list(payload)
                 elif kind == KIND_OPEN:
                     # Opened now, ahead of this round's events: order per stream is kept.
                     rec = decode(kind, payload)
@@ -234,8 +253,16 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
                 _write_all(control_rings[j], [encode_bytes(c) for c in ctl], parent_sentinel)
                 ctl.clear()
         if not got:
+            waiting = [event_rings[j] for j in open_rings]
+            # Spin a little before parking (adaptive, as the ring's own waits): the ingest's
+            # next write is usually microseconds away under load, and a park costs a system call
+            # here, one in the ingest (the doorbell) and a wake-up in the scheduler.
+            if spin_until_readable(waiting, spin):
+                spin = min(spin * 2, _SPIN_MAX_NS)
+                continue
+            spin = max(spin // 2, _SPIN_MIN_NS)
             try:
-                fired = wait_any([event_rings[j] for j in open_rings], 1.0, sentinels)
+                fired = wait_any(waiting, 1.0, sentinels)
             except RingClosedError:
                 fired = []
             if fired:
