@@ -13,9 +13,10 @@ import select
 import time
 from collections.abc import Sequence
 
-from .ring import _I_CWAIT, _I_TAIL, _RECHECK_S, Ring, _fence
+from .ring import _I_CWAIT, _I_TAIL, _IDLE_RECHECK_S, _RECHECK_S, Ring, _fence
 
 _RECHECK_MS = max(1, int(_RECHECK_S * 1000))
+_IDLE_RECHECK_MS = int(_IDLE_RECHECK_S * 1000)
 _monotonic_ns = time.monotonic_ns
 _sched_yield = getattr(os, "sched_yield", lambda: None)
 
@@ -73,8 +74,10 @@ def wait_any(rings: Sequence[Ring], timeout: float | None, sentinels: Sequence[i
         first = True
         while True:
             wait_ms = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-            if first:
-                wait_ms = _RECHECK_MS if wait_ms is None else min(wait_ms, _RECHECK_MS)
+            # Re-check after 1 ms (the publish/flag race), then every second (belt and braces),
+            # as Ring._park does.
+            slice_ms = _RECHECK_MS if first else _IDLE_RECHECK_MS
+            wait_ms = slice_ms if wait_ms is None else min(wait_ms, slice_ms)
             events = poller.poll(wait_ms)
             fired = [fd for fd, _ in events if fd not in bells]
             for fd, _ in events:
@@ -155,8 +158,9 @@ async def wait_any_async(rings: Sequence[Ring], timeout: float | None = None, se
                     _count_late(rings)
                 fut.set_result(None)
             elif deadline is None or loop.time() < deadline:
-                # Past the 1 ms re-check (see wait_any): sleep until the deadline or a doorbell.
-                timer = None if deadline is None else loop.call_at(deadline, on_timer, False)
+                # Past the 1 ms re-check (see wait_any): re-check every second until the deadline.
+                at = loop.time() + _IDLE_RECHECK_S
+                timer = loop.call_at(at if deadline is None else min(at, deadline), on_timer, False)
             else:
                 fut.set_result(None)
 
