@@ -73,3 +73,13 @@ def no_shm_leak():
     yield
     leaked = {n for n in shm_entries() - before if _ours_or_orphaned(n)}
     assert not leaked, f"leaked shared-memory segments: {sorted(leaked)}"
+
+
+def running(pid: int) -> bool:
+    """True while `pid` is a live process (an exited but unreaped zombie is not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # gone, possibly between two looks
+        return False

@@ -18,7 +18,7 @@ import msgspec
 import psutil
 import pytest
 
-from conftest import PROVIDER_FIXTURES, provider_manifest, read_capture
+from conftest import PROVIDER_FIXTURES, provider_manifest, read_capture, running
 from pipeline import PipelineBuilder, SseParser
 from pipeline.providers import get_adapter
 from pipeline.testing import (
@@ -573,7 +573,7 @@ def test_mock_process_serves_and_leaves_nothing_behind():
         log = proc.stream_log(rid)
         assert log is not None and log.status == "complete" and log.text_tokens == 9
         assert [s.request_id for s in proc.streams()] == [rid]
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not running(pid)
     helpers = {p.pid for p in me.children(recursive=True)} - before
     # Only multiprocessing's own helpers (the resource tracker) may outlive the mock.
     assert pid not in helpers

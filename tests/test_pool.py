@@ -22,7 +22,7 @@ from pipeline.sources import Replay, Request
 from pipeline.testing import FAULTS, MockProviderProcess, expected_stream, stream_seed
 from pipeline.tokens import Delta, Done, Error
 from shm.segment import guardian_pid
-from tests.conftest import capture_cases, provider_manifest, read_capture, shm_entries
+from tests.conftest import capture_cases, provider_manifest, read_capture, running, shm_entries
 
 MOCK_SEED = 11
 
@@ -73,7 +73,7 @@ class Baseline:
         while time.monotonic() < deadline and (_children() - self.children):
             time.sleep(0.02)
         assert not (_children() - self.children), "pool children left running"
-        assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pool_pids)
+        assert not any(running(p) for p in pool_pids)
         assert _fds() <= self.fds, f"leaked descriptors: {_fds()} > {self.fds}"
         assert not (shm_entries() - self.shm), "leaked shared-memory segments"
 

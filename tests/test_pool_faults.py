@@ -26,7 +26,7 @@ from pipeline import PipelineBuilder
 from pipeline.sources import Replay, Request
 from pipeline.testing import MockProviderProcess, expected_stream, stream_seed
 from pipeline.tokens import Delta, Done, Error
-from tests.conftest import shm_entries
+from tests.conftest import running, shm_entries
 from workers.pool import PoolBrokenError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def _expected(key: str, tokens: int, fault: str | None = None):
 def _gone(pids, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        if not any(running(p) for p in pids):
             return True
         time.sleep(0.02)
     return False
