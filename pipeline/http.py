@@ -329,19 +329,21 @@ class _IdleWatch:
         self._bytes = content.total_bytes
         self._handle: asyncio.TimerHandle | None = loop.call_at(loop.time() + timeout, self._check)
 
+    def wait_from(self, now: float) -> None:
+        """The reader starts waiting for bytes now."""
+        self.since = now
+        self._bytes = self._content.total_bytes
+
     def _check(self) -> None:
         loop = self._loop
         now = loop.time()
         since = self.since
-        seen = self._content.total_bytes
-        arrived = seen != self._bytes
-        self._bytes = seen
         if since is None:
             due = now + self._timeout  # the reader is busy with what it has: check again later
         else:
             due = since + self._timeout
-            if arrived and due <= now:
-                # Bytes came in this very loop iteration, their reader not yet run: not idle.
+            if due <= now and self._content.total_bytes != self._bytes:
+                # Bytes came in since the reader began waiting, its wake-up not yet run: not idle.
                 due = now + self._timeout
         # 1 ms of slack: the loop's clock is coarse (uvloop's is in ms), never re-arm for less.
         if due > now + 0.001:
@@ -528,14 +530,14 @@ class HttpStreamHandler:
                                 chunk = b""
                             else:
                                 if watch is not None:
-                                    watch.since = loop.time()
+                                    watch.wait_from(loop.time())
                                 await content._wait("readany")
                                 if watch is not None:
                                     watch.since = None
                                 continue
                         else:
                             if watch is not None:
-                                watch.since = loop.time()
+                                watch.wait_from(loop.time())
                             chunk = await content.readany()
                             if watch is not None:
                                 watch.since = None

@@ -147,7 +147,8 @@ async def test_stall_ends_with_idle_timeout_near_its_value_and_releases_the_sock
         left = await wait_no_sockets([me], mock.port)
     assert kinds == ["idle_timeout"]
     assert last_text is not None and error_at is not None
-    assert 0.5 * IDLE <= error_at - last_text <= 3 * IDLE
+    # Close to the configured timeout: a timer that re-arms late would show up as ~2x here.
+    assert 0.9 * IDLE <= error_at - last_text <= 1.6 * IDLE
     # What came before the silence is kept, and it is the start of the stream's text.
     text = stream.result.text
     assert text and expected(request).text.startswith(text) and text != expected(request).text
@@ -181,7 +182,7 @@ def test_stall_through_the_pool_ends_with_idle_timeout_and_the_ingest_releases_t
         with pipe.pool(workers=1, ingest=1) as pool:
             asyncio.run(asyncio.wait_for(consume(pool), 30))
     assert seen["kinds"] == ["idle_timeout"]
-    assert seen["gap"] is not None and 0.5 * IDLE <= seen["gap"] <= 3 * IDLE
+    assert seen["gap"] is not None and 0.9 * IDLE <= seen["gap"] <= 1.6 * IDLE
     text = "".join(seen["text"])
     assert text and expected(request).text.startswith(text)
     assert seen["left"] == [], f"the ingest still holds sockets to the mock: {seen['left']}"
