@@ -154,6 +154,21 @@ def _rows_memory(r: dict[str, Any]) -> Iterator[Row]:
                f"{n['growth_after_warmup_mib']:+.2f}", None)
 
 
+def _rows_e2e(r: dict[str, Any]) -> Iterator[Row]:
+    for scen, row in (r.get("scenarios") or {}).items():
+        for k in ("pool_K1", "pool_K2"):
+            for peer in ("httpx_sse_msgspec", "collect"):
+                if _num(row.get(k)) and _num(row.get(peer)):
+                    yield ("e2e", f"{scen}: tokens/s, {k} vs {peer}", f"{row[k]:,.0f}", f"{row[peer]:,.0f}",
+                           row[k] / row[peer])
+    lat = r.get("latency") or {}
+    if _num(lat.get("p99_ms")):
+        yield ("e2e", f"astream read-to-caller p50/p99 ms at {lat.get('tokens_per_s', 0):,.0f} tok/s",
+               f"{lat.get('p50_ms', 0):.2f}/{lat['p99_ms']:.2f}", "", None)
+    if _num(lat.get("shm_bytes_per_worker")):
+        yield ("e2e", "shared memory per worker, MiB", f"{lat['shm_bytes_per_worker'] / 2**20:.2f}", "", None)
+
+
 def _rows_generic(name: str, r: Any, prefix: str = "") -> Iterator[Row]:
     """Every finite number under a key that mentions "ratio"."""
     if isinstance(r, dict):
@@ -171,6 +186,7 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any]], Iterator[Row]]] = {
     "live": _rows_live,
     "resume": _rows_resume,
     "ring": _rows_ring,
+    "e2e": _rows_e2e,
     "memory": _rows_memory,
 }
 
