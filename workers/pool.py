@@ -543,69 +543,85 @@ class Pool:
     def run(self, sources: Iterable[Request | Replay], *, concurrency: int | None = None) -> Iterator[StreamResult]:
         """StreamResults, one per source, as each stream finishes. Sources are read lazily,
         at most `concurrency` in flight; closing the iterator cancels what is still running."""
-        limit = concurrency or self.concurrency
-        sink: deque = deque()
-        source_iter = enumerate(sources)
-        inflight: dict[int, _CallerStream] = {}
-        exhausted = False
+        feed = _Feed(self, sources, concurrency or self.concurrency, want_tokens=False)
         try:
             while True:
-                while not exhausted and len(inflight) < limit:
-                    nxt = next(source_iter, None)
-                    if nxt is None:
-                        exhausted = True
-                        break
-                    st = self._open(nxt[1], nxt[0], sink, False)
-                    inflight[st.sid] = st
+                feed.top_up()
                 finished = False
-                while sink:
-                    kind, st, payload = sink.popleft()
+                for kind, _, payload in feed.take():
                     if kind == OUT_RESULT:
-                        inflight.pop(st.sid, None)
                         finished = True
                         yield payload
-                if exhausted and not inflight:
+                if feed.done:
                     return
                 if not finished:  # (after a finish, refill the in-flight set before waiting)
                     self._check()
                     self._pump(block=True)
         finally:
-            for st in inflight.values():
-                st.abandoned = True
-                self._cancel(st)
+            feed.cancel_rest()
 
     async def astream(self, sources: Iterable[Request | Replay], *, concurrency: int | None = None
                       ) -> AsyncIterator[tuple[int, list[StreamToken]]]:
         """`(source_index, tokens)` batches as they arrive; each stream's last batch ends with its
         Done or Error. Every token arrives exactly once."""
-        limit = concurrency or self.concurrency
-        sink: deque = deque()
-        source_iter = enumerate(sources)
-        inflight: dict[int, _CallerStream] = {}
-        exhausted = False
+        feed = _Feed(self, sources, concurrency or self.concurrency, want_tokens=True)
         try:
             while True:
-                while not exhausted and len(inflight) < limit:
-                    nxt = next(source_iter, None)
-                    if nxt is None:
-                        exhausted = True
-                        break
-                    st = self._open(nxt[1], nxt[0], sink, True)
-                    inflight[st.sid] = st
+                feed.top_up()
                 finished = False
-                while sink:
-                    kind, st, payload = sink.popleft()
+                for kind, st, payload in feed.take():
                     if kind == OUT_RESULT:
-                        inflight.pop(st.sid, None)
                         finished = True
                     else:
                         yield st.source_index, payload
-                if exhausted and not inflight:
+                if feed.done:
                     return
                 if not finished:  # (after a finish, refill the in-flight set before waiting)
                     self._check()
                     await self._apump()
         finally:
-            for st in inflight.values():
-                st.abandoned = True
-                self._cancel(st)
+            feed.cancel_rest()
+
+
+class _Feed:
+    """One `run`/`astream` call's sources: read lazily, kept at most `limit` in flight, their
+    outputs collected in a sink of their own."""
+
+    def __init__(self, pool: Pool, sources: Iterable[Request | Replay], limit: int, *, want_tokens: bool) -> None:
+        self._pool = pool
+        self._sources = enumerate(sources)
+        self._limit = limit
+        self._want_tokens = want_tokens
+        self._sink: deque = deque()
+        self._inflight: dict[int, _CallerStream] = {}
+        self._exhausted = False
+
+    def top_up(self) -> None:
+        """Open sources until `limit` are in flight or none is left."""
+        while not self._exhausted and len(self._inflight) < self._limit:
+            nxt = next(self._sources, None)
+            if nxt is None:
+                self._exhausted = True
+                return
+            st = self._pool._open(nxt[1], nxt[0], self._sink, self._want_tokens)
+            self._inflight[st.sid] = st
+
+    def take(self) -> Iterator[tuple[int, _CallerStream, Any]]:
+        """The outputs delivered so far, (kind, stream, payload); a result ends its stream."""
+        sink = self._sink
+        while sink:
+            item = sink.popleft()
+            if item[0] == OUT_RESULT:
+                self._inflight.pop(item[1].sid, None)
+            yield item
+
+    @property
+    def done(self) -> bool:
+        """Every source was opened and has finished."""
+        return self._exhausted and not self._inflight
+
+    def cancel_rest(self) -> None:
+        """Cancel what is still running (the caller stopped early) and drop its outputs."""
+        for st in self._inflight.values():
+            st.abandoned = True
+            self._pool._cancel(st)
