@@ -7,7 +7,6 @@ directly; the pool's workers drive the same class from ring records (DESIGN.md s
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
@@ -138,17 +137,7 @@ class StreamSession:
         self._metrics.on_chunk(nbytes, read_ns)
         if not events:
             return []
-        # _run and _adapter_feed inlined: a pool worker calls this once per read, often for one
-        # event, so the constant cost per call counts.
-        try:
-            tokens = self._adapter.feed(events)
-        except StreamError as exc:
-            tokens = [Error.from_exception(exc)]
-        except Exception as exc:  # bad input the adapter did not anticipate: this stream only
-            tokens = [Error.of("malformed", f"{type(exc).__name__}: {exc}")]
-        if not tokens:
-            return tokens
-        return self._after_adapter(tokens, read_ns)
+        return self._run(events, read_ns, None)
 
     def fail(self, error: Error, read_ns: int | None = None) -> list[StreamToken]:
         """End the stream with an error from outside the bytes (HTTP status, timeout, cancel)."""

@@ -19,13 +19,11 @@ from typing import Any
 
 import msgspec
 
-from ..sse import SseEvent
 from ..tokens import Delta, Finish, Reasoning, ServerTool, StreamToken, ToolCall, Usage
 from .base import (
     Adapter,
     HttpRequestSpec,
     base_join,
-    dispatch_type,
     error_payload,
     error_token,
     json_request,
@@ -159,12 +157,7 @@ class AnthropicAdapter(Adapter):
             "error": self._error,
         }
 
-    def _on_event(self, ev: SseEvent, out: list[StreamToken]) -> None:
-        handler = self._handlers.get(dispatch_type(ev))
-        if handler is None:
-            self._unknown()
-            return
-        handler(ev.data, out)
+    _on_event = Adapter._dispatch  # every event is named: a table lookup is the whole job
 
     def _on_close(self, out: list[StreamToken]) -> None:
         self._truncated(out, "the body ended before message_stop")

@@ -101,6 +101,15 @@ class Adapter:
     def _on_event(self, ev: SseEvent, out: list[StreamToken]) -> None:
         raise NotImplementedError
 
+    def _dispatch(self, ev: SseEvent, out: list[StreamToken]) -> None:
+        """For dialects with named events: hand the event's data to the handler its type names
+        in `self._handlers` (type -> handler(data, out)); an unknown type is skipped and counted."""
+        handler = self._handlers.get(dispatch_type(ev))  # type: ignore[attr-defined]
+        if handler is None:
+            self._unknown()
+            return
+        handler(ev.data, out)
+
     def _on_close(self, out: list[StreamToken]) -> None:
         raise NotImplementedError
 

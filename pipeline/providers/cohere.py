@@ -23,7 +23,6 @@ from .base import (
     Adapter,
     HttpRequestSpec,
     base_join,
-    dispatch_type,
     error_payload,
     error_token,
     is_done_marker,
@@ -109,11 +108,7 @@ class CohereV2Adapter(Adapter):
     def _on_event(self, ev: SseEvent, out: list[StreamToken]) -> None:
         if ev.event == "message" and is_done_marker(ev.data):
             return  # the bare trailing marker: neither an end nor required
-        handler = self._handlers.get(dispatch_type(ev))
-        if handler is None:
-            self._unknown()
-            return
-        handler(ev.data, out)
+        self._dispatch(ev, out)
 
     def _on_close(self, out: list[StreamToken]) -> None:
         self._truncated(out, "the body ended before message-end")
