@@ -46,6 +46,8 @@ MESSAGES = [{"role": "user", "content": "Tell me a story"}]
 JITTER = 0.5  # each gap uniform in [0.5, 1.5] x the mean: streams drift apart, as real ones do
 LATENCY_SAMPLE = 200  # streams per run whose per-event latency is computed (logs fetched)
 CLIENTS = ("ours-run-I1", "ours-run-I2", "ours-astream-I1", "ours-astream-I2", "openai-sdk", "aiohttp-loop")
+# Extra pool(...) options from the command line (--linger-ms).
+POOL_OPTIONS: dict[str, Any] = {}
 # The mock's listen backlog for 1,000 simultaneous connects (see LiveMock).
 MOCK_BACKLOG = 4096
 
@@ -347,11 +349,14 @@ def _pool_client(mode: str, ingest: int, mock: LiveMock, cfg: Config, seeds: lis
     sources = _requests(mock, cfg, seeds, keys)
     warm = _requests(mock, Config("warm", 2, None, 4), [1, 2], [f"{keys[0]}-warm{i}" for i in range(2)])
     clock = time.monotonic_ns
-    with pipe.pool(workers=1, ingest=ingest, concurrency=max(cfg.streams, 2)) as pool:
+    with pipe.pool(workers=1, ingest=ingest, concurrency=max(cfg.streams, 2), **POOL_OPTIONS) as pool:
         list(pool.run(warm))  # children imported, code paths warm, before the CPU snapshot
         pids = [psutil.Process().pid, *pool.ingest_pids, *pool.worker_pids]
         measure.roles = {"caller": pids[:1], "ingest": list(pool.ingest_pids), "workers": list(pool.worker_pids)}  # type: ignore[attr-defined]
-        spy = _start_py_spy(pool.ingest_pids[0], profile) if profile is not None else None
+        spies = [] if profile is None else [
+            _start_py_spy(pool.ingest_pids[0], profile),
+            _start_py_spy(pool.worker_pids[0], profile.with_name(profile.name.replace("ingest-", "worker-", 1))),
+        ]
         try:
             with measure(pids):
                 if mode == "run":
@@ -372,8 +377,9 @@ def _pool_client(mode: str, ingest: int, mock: LiveMock, cfg: Config, seeds: lis
 
                     _run_loop(consume())
         finally:
-            if spy is not None:
-                _stop_py_spy(spy)
+            for spy in spies:
+                if spy is not None:
+                    _stop_py_spy(spy)
 
 
 def _start_py_spy(pid: int, out: Path) -> subprocess.Popen | None:
@@ -520,9 +526,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--runs", type=int, default=1, help="runs per cell; the table shows medians (default 1)")
     ap.add_argument("--only", nargs="*", choices=CLIENTS, default=None, help="clients to run (default all)")
     ap.add_argument("--configs", nargs="*", default=None, help="configs to run by name (default all)")
+    ap.add_argument("--linger-ms", type=float, default=None,
+                    help="the pool's linger_ms (default: the pool's own; 0 turns lingering off)")
     ap.add_argument("--py-spy", metavar="DIR", type=Path, default=None,
                     help="record a py-spy profile of the (first) ingest process of each pool run into DIR")
     args = ap.parse_args(argv)
+    if args.linger_ms is not None:
+        POOL_OPTIONS["linger_ms"] = args.linger_ms
     clients = args.only or list(CLIENTS)
     if args.quick and args.only is None:
         clients = ["ours-run-I1", "ours-astream-I1", "openai-sdk", "aiohttp-loop"]

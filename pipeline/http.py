@@ -21,7 +21,7 @@ import logging
 import random
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -430,6 +430,86 @@ def _drain(content: aiohttp.StreamReader) -> bytes:
     return data
 
 
+_PAUSED = object()  # _Pusher.run(): the sink asked to stop reading for now
+
+
+def _pushable(content: Any) -> bool:
+    """Whether _Pusher can stand in for this body reader's waiter (aiohttp's own StreamReader,
+    not a subclass or a double whose feed_data we do not know)."""
+    return type(content) is aiohttp.StreamReader
+
+
+class _Pusher:
+    """Stands in for the reading task's waiter future on a response body's StreamReader, so that
+    aiohttp's feed_data() (and feed_eof(), set_exception()) call us: each read is parsed and
+    handed to the sink right inside data_received, with no task wake-up per read. Uses the
+    internals _drain relies on (checked by _fast_drain_supported); the task awaits `run()`."""
+
+    __slots__ = ("_handler", "_content", "_parser", "_watch", "_sink", "_loop", "_fut")
+
+    def __init__(self, handler: "HttpStreamHandler", content: aiohttp.StreamReader, parser: SseParser,
+                 watch: _IdleWatch | None, sink: Callable[[list[SseEvent], int, int], bool],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self._handler = handler
+        self._content = content
+        self._parser = parser
+        self._watch = watch
+        self._sink = sink
+        self._loop = loop
+        self._fut: asyncio.Future | None = None
+
+    async def run(self) -> Any:
+        """Push reads until the body ends (None), the sink pauses (_PAUSED) or an error (raised)."""
+        fut = self._fut = self._loop.create_future()
+        try:
+            self.set_result(None)  # what is buffered already; then wait for feed_data()
+            return await fut
+        finally:
+            self._fut = None
+            content = self._content
+            if content._waiter is self:
+                content._waiter = None
+            if self._watch is not None:
+                self._watch.since = None  # paused or done: no longer waiting on the server
+
+    def done(self) -> bool:
+        """aiohttp's set_result() helper asks first: not done while installed."""
+        return self._fut is None
+
+    def set_result(self, _value: object) -> None:
+        """Data, the end of the body, or a chunk boundary arrived (or run() starts)."""
+        fut = self._fut
+        if fut is None or fut.done():
+            return
+        content = self._content
+        try:
+            exc = content._exception
+            if exc is not None:
+                fut.set_exception(exc)
+                return
+            if content._buffer:
+                handler = self._handler
+                if not handler._deliver(self._parser, _drain(content), handler.clock_ns(), self._sink):
+                    fut.set_result(_PAUSED)
+                    return
+            if content._eof:
+                fut.set_result(None)
+                return
+        except Exception as exc:  # never into aiohttp's data_received: the task raises it
+            fut.set_exception(exc)
+            return
+        content._waiter = self
+        watch = self._watch
+        if watch is not None:
+            watch.wait_from(self._loop.time())
+
+    def set_exception(self, exc: BaseException) -> None:
+        """The body failed (a drop, or _IdleWatch's timeout)."""
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+
+
 # --- the handler --------------------------------------------------------------------------------
 
 
@@ -468,6 +548,7 @@ class HttpStreamHandler:
         self.retry_ms: int | None = None  # the server's `retry:` (ms), kept across connections
         self.delivered = False  # whether any event was handed out (no plain re-send after that)
         self.batch_bytes = 0  # body bytes behind the batch just yielded (reads since the last one)
+        self._pending = 0  # body bytes read since the last batch handed out (pump)
         self._response: aiohttp.ClientResponse | None = None
         self._watch: _IdleWatch | None = None  # the idle timer of the body being read
         self._closed = False
@@ -574,36 +655,139 @@ class HttpStreamHandler:
                         self.batch_bytes = pending
                         pending = 0
                         yield events, read_ns
-                self._stop_watch()
-                if dropped is None:
-                    # Clean end of the body: never re-requested.
-                    parser.close()
-                    self.discarded_tail = parser.discarded_tail
-                    self._release_response()
-                    return
-                # A drop. The pending partial event of this connection is discarded (the spec's
-                # "incomplete event is not dispatched"), whether or not we resume.
-                parser.close()
-                self._drop_response()
-                if self._closed:
-                    return
-                if not (opts.resume and self.last_event_id and self.reconnects < opts.max_reconnects):
-                    why = "no event id to resume from" if not self.last_event_id else "no reconnects left"
-                    log.info("stream %s dropped mid-body (%s); %s: ending as truncated",
-                             self._url, _describe(dropped), why)
-                    self.discarded_tail = parser.discarded_tail
-                    return
-                log.info("stream %s dropped mid-body (%s); resuming after event id %r",
-                         self._url, _describe(dropped), self.last_event_id)
-                resumed = await self._resume()
+                resumed = await self._end_of_body(parser, dropped)
                 if resumed is None:
-                    self.discarded_tail = parser.discarded_tail
                     return
                 resp = resumed
         finally:
             # Cancelled, closed by the consumer, failed or done: no connection or timer outlives this.
             self._stop_watch()
             self._drop_response()
+
+    async def _end_of_body(self, parser: SseParser, dropped: BaseException | None) -> aiohttp.ClientResponse | None:
+        """After a body ended (cleanly, or `dropped`): the resumed response to read next, or None
+        when the stream is over (`discarded_tail` set)."""
+        self._stop_watch()
+        if dropped is None:
+            # Clean end of the body: never re-requested.
+            parser.close()
+            self.discarded_tail = parser.discarded_tail
+            self._release_response()
+            return None
+        # A drop. The pending partial event of this connection is discarded (the spec's
+        # "incomplete event is not dispatched"), whether or not we resume.
+        parser.close()
+        self._drop_response()
+        if self._closed:
+            return None
+        opts = self.options
+        if not (opts.resume and self.last_event_id and self.reconnects < opts.max_reconnects):
+            why = "no event id to resume from" if not self.last_event_id else "no reconnects left"
+            log.info("stream %s dropped mid-body (%s); %s: ending as truncated",
+                     self._url, _describe(dropped), why)
+            self.discarded_tail = parser.discarded_tail
+            return None
+        log.info("stream %s dropped mid-body (%s); resuming after event id %r",
+                 self._url, _describe(dropped), self.last_event_id)
+        resumed = await self._resume()
+        if resumed is None:
+            self.discarded_tail = parser.discarded_tail
+        return resumed
+
+    async def pump(self, sink: Callable[[list[SseEvent], int, int], bool],
+                   paused: Callable[[], Awaitable[Any]]) -> None:
+        """The stream's events handed to `sink(events, read_ns, nbytes)` from inside aiohttp's
+        data_received, with no task wake-up per read (what `events()` costs); same retries,
+        resumes, timeouts and typed errors. `sink` returns False to stop reading (backpressure):
+        `pump` then awaits `paused()` and goes on with what the connection buffered meanwhile
+        (aiohttp stops reading the socket once its buffer is full, and TCP pushes back)."""
+        if not _FAST_DRAIN:
+            async for events, read_ns in self.events():
+                if not sink(events, read_ns, self.batch_bytes):
+                    await paused()
+            return
+        if self.options.total_timeout is not None:
+            self._deadline = time.monotonic() + self.options.total_timeout
+        loop = asyncio.get_running_loop()
+        idle = self.options.idle_timeout
+        try:
+            resp = await self._open()
+            while True:
+                parser = _new_parser(self.max_event_bytes, self.last_event_id, self.retry_ms)
+                content = resp.content
+                watch = _IdleWatch(loop, idle, content) if idle is not None and _stop_sock_read(resp) else None
+                self._watch = watch
+                dropped: BaseException | None = None
+                if not _pushable(content):
+                    dropped = await self._pull_body(content, parser, watch, sink, paused)
+                else:
+                    pusher = _Pusher(self, content, parser, watch, sink, loop)
+                    while True:
+                        try:
+                            outcome = await pusher.run()
+                        except (_IdleTimeout, asyncio.TimeoutError):
+                            raise self._timeout_error("between reads") from None
+                        except _DROP_ERRORS as exc:
+                            dropped = exc
+                            break
+                        if outcome is not _PAUSED:
+                            break
+                        await paused()
+                resumed = await self._end_of_body(parser, dropped)
+                if resumed is None:
+                    return
+                resp = resumed
+        finally:
+            self._stop_watch()
+            self._drop_response()
+
+    async def _pull_body(self, content: Any, parser: SseParser, watch: _IdleWatch | None,
+                         sink: Callable[[list[SseEvent], int, int], bool],
+                         paused: Callable[[], Awaitable[Any]]) -> BaseException | None:
+        """One body through the public readany(), for a reader _Pusher cannot stand in for."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if watch is not None:
+                    watch.wait_from(loop.time())
+                chunk = await content.readany()
+                if watch is not None:
+                    watch.since = None
+            except (_IdleTimeout, asyncio.TimeoutError):
+                raise self._timeout_error("between reads") from None
+            except _DROP_ERRORS as exc:
+                return exc
+            if not chunk:
+                return None
+            if not self._deliver(parser, chunk, self.clock_ns(), sink):
+                await paused()
+
+    def _deliver(self, parser: SseParser, chunk: bytes, read_ns: int,
+                 sink: Callable[[list[SseEvent], int, int], bool]) -> bool:
+        """Parse one read and hand its events to `sink`; what `sink` says (False: pause).
+        A TooLargeError goes up after the events completed before it were handed over."""
+        n = len(chunk)
+        self.bytes_read += n
+        self._pending += n
+        try:
+            events = parser.feed(chunk)
+        except TooLargeError as exc:
+            done = exc.received if isinstance(exc.received, list) else []
+            self._note(parser)
+            if done:
+                self.delivered = True
+                self.batch_bytes, self._pending = self._pending, 0
+                sink(done, read_ns, self.batch_bytes)
+            raise
+        self.last_event_id = parser.resume_event_id
+        if parser.retry is not None:
+            self.retry_ms = parser.retry
+        if events:
+            self.delivered = True
+            self.batch_bytes = nbytes = self._pending
+            self._pending = 0
+            return sink(events, read_ns, nbytes)
+        return True
 
     def _note(self, parser: SseParser) -> None:
         self.last_event_id = parser.resume_event_id

@@ -78,7 +78,7 @@ import sys
 import threading
 import time
 from itertools import islice
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 from .doorbell import Doorbell, PeerAlive, PeerDiedError
 from .segment import Segment

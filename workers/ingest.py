@@ -54,6 +54,7 @@ from shm.records import (
 from shm.multiwait import park_producer, space_fd, unpark_producer
 from shm.ring import Ring, RingClosedError, RingHandle
 
+from .linger import DEFAULT_TICK_S, LoopLinger
 from .protocol import (
     JOIN_OVERHEAD,
     KIND_PART,
@@ -240,6 +241,7 @@ class Ingest:
         replay_log_bytes: int,
         parent_sentinel: int | None,
         ingest_count: int = 1,
+        linger_s: float = DEFAULT_TICK_S,
     ) -> None:
         self.index = index
         self.pipeline = pipeline
@@ -249,6 +251,8 @@ class Ingest:
         self.replay_log_bytes = replay_log_bytes
         self.parent_sentinel = parent_sentinel
         self.ingest_count = ingest_count
+        self.linger_s = linger_s
+        self.linger: LoopLinger | None = None  # made in run(), on the loop
         k = len(event_rings)
         self.pending: list[list[tuple[int, bytes]]] = [[] for _ in range(k)]
         self.max_entry = [r.max_entry_payload for r in event_rings]
@@ -343,6 +347,11 @@ class Ingest:
         if retry and not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_later(_BLOCKED_RETRY_S, self._flush)
+
+    def _flush_now(self) -> None:
+        """Hand what is batched to the workers now (before the loop lingers)."""
+        if self._flush_scheduled:
+            self._flush()
 
     def _write_pending(self, ring: Ring, items: list[tuple[int, bytes]], w: int) -> None:
         """Write what fits of `items` (removing it), runs of event batches joined into
@@ -649,11 +658,18 @@ class Ingest:
             max_event_bytes=self.pipeline.max_event_bytes, limiter=self._limiter,
         )
         gate = self.gates[st.worker]
+        batch = self._batch
+        note = self.linger.note
+
+        def sink(events: list, read_ns: int, nbytes: int) -> bool:
+            # Runs inside aiohttp's data_received (no task wake-up per read); False stops
+            # reading this stream's socket while its worker's ring is over the soft limit.
+            batch(st, events, read_ns, nbytes)
+            note()
+            return gate.is_set()
+
         async with handler:
-            async for events, read_ns in handler.events():
-                self._batch(st, events, read_ns, handler.batch_bytes)
-                if not gate.is_set():
-                    await gate.wait()
+            await handler.pump(sink, gate.wait)
         return handler.discarded_tail
 
     def _stop(self, sid: int) -> None:
@@ -772,6 +788,7 @@ class Ingest:
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.linger = LoopLinger(self.loop, self.linger_s, self._flush_now)
         self._shutdown = asyncio.Event()
         self.gates = [asyncio.Event() for _ in self.event_rings]
         for g in self.gates:
@@ -818,6 +835,7 @@ def ingest_main(
     replay_log_bytes: int,
     ingest_count: int,
     owner_pid: int,
+    linger_s: float = DEFAULT_TICK_S,
 ) -> None:
     """Process entry point of ingest `index` (of `ingest_count`) of the pool owned by `owner_pid`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides when we stop
@@ -827,7 +845,7 @@ def ingest_main(
     control_rings = [Ring.attach(h) for h in control_handles]
     try:
         ingest = Ingest(index, pipeline, sub_ring, event_rings, control_rings, replay_log_bytes,
-                        parent_sentinel, ingest_count)
+                        parent_sentinel, ingest_count, linger_s)
         tune_gc()
         try:
             import uvloop

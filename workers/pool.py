@@ -12,7 +12,6 @@ poll() on the output rings' doorbells and the children's sentinels; its async on
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import multiprocessing
@@ -28,7 +27,7 @@ from pipeline.errors import StreamError
 from pipeline.metrics import MetricsRegistry, StreamMetricsSnapshot
 from pipeline.sources import Replay, Request
 from pipeline.tokens import Done, Error, StreamResult, StreamToken
-from shm.multiwait import any_readable, wait_any, wait_any_async
+from shm.multiwait import wait_any, wait_any_async
 from shm.records import (
     KIND_OUTPUT,
     OP_CANCEL,
@@ -41,6 +40,7 @@ from shm.records import (
 from shm.ring import DEFAULT_CAPACITY, Ring, check_platform
 from shm.segment import cleanup_stale_segments
 
+from .linger import DEFAULT_TICK_S
 from .protocol import (
     KIND_PART,
     OP_WORKER_RESTARTED,
@@ -190,6 +190,7 @@ class Pool:
         start_method: str = "forkserver",
         respawn: bool = True,
         track_latency: bool = False,
+        linger_ms: float = DEFAULT_TICK_S * 1000,
     ) -> None:
         if workers is None:
             workers = max(1, (os.cpu_count() or 2) - ingest)
@@ -197,6 +198,11 @@ class Pool:
             raise ValueError("a pool needs at least one worker and one ingest process")
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if not 0 <= linger_ms <= 100:
+            raise ValueError("linger_ms must be between 0 and 100")
+        # Most a read may wait in a lingering ingest or worker while reads trickle in (see
+        # workers/linger.py); 0 turns lingering off.
+        self.linger_s = linger_ms / 1000.0
         self.pipeline = pipeline
         self.workers = workers
         self.ingest = ingest
@@ -282,6 +288,7 @@ class Pool:
                 [self._controls[j][k].handle() for j in range(self.ingest)],
                 self._outputs[k].handle(),
                 os.getpid(),
+                self.linger_s,
             ),
             daemon=True,
         )
@@ -303,6 +310,7 @@ class Pool:
                 self.replay_log_bytes,
                 self.ingest,
                 os.getpid(),
+                self.linger_s,
             ),
             daemon=True,
         )

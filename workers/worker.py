@@ -18,7 +18,7 @@ import msgspec
 
 from pipeline.core import StreamingPipeline, StreamSession
 from pipeline.tokens import Error
-from shm.multiwait import closed_and_drained, spin_until_readable, wait_any
+from shm.multiwait import any_readable, closed_and_drained, wait_any
 from shm.records import (
     KIND_END,
     KIND_OPEN,
@@ -28,6 +28,8 @@ from shm.records import (
     RecordCodec,
 )
 from shm.ring import Ring, RingClosedError, RingHandle
+
+from .linger import DEFAULT_TICK_S, Napper
 
 from .protocol import (
     FINAL_SEQ,
@@ -52,11 +54,6 @@ from .protocol import (
 
 # How often a worker tells each ingest its queue delay (the ingest's backpressure input).
 _DELAY_REPORT_NS = 20_000_000
-# Spin budget before parking on the event rings' doorbells: grows when spinning found data,
-# shrinks when it ended in a park (the bounds of shm/ring.py's own waits).
-_SPIN_MIN_NS = 2_000
-_SPIN_START_NS = 50_000
-_SPIN_MAX_NS = 200_000
 
 
 class _Stream:
@@ -154,6 +151,7 @@ def worker_main(
     control_handles: list[RingHandle],
     output_handle: RingHandle,
     owner_pid: int,
+    linger_s: float = DEFAULT_TICK_S,
 ) -> None:
     """Process entry point of worker `index` of the pool owned by process `owner_pid`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides when we stop
@@ -166,14 +164,14 @@ def worker_main(
     output_ring = Ring.attach(output_handle)
     tune_gc()
     try:
-        _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel)
+        _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, linger_s)
     finally:
         for ring in event_rings + control_rings + [output_ring]:
             ring.close()
         os.close(parent_sentinel)
 
 
-def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) -> None:
+def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, linger_s: float) -> None:
     core = WorkerCore(pipeline, len(event_rings))
     codec = RecordCodec()
     decode = codec.decode
@@ -186,7 +184,7 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
     open_rings = list(range(len(event_rings)))
     last_report = time.monotonic_ns()
     sentinels = [parent_sentinel] if parent_sentinel is not None else []
-    spin = _SPIN_START_NS
+    napper = Napper(linger_s)
     while open_rings:
         got = False
         for j in open_rings:
@@ -254,13 +252,11 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
                 ctl.clear()
         if not got:
             waiting = [event_rings[j] for j in open_rings]
-            # Spin a little before parking (adaptive, as the ring's own waits): the ingest's
-            # next write is usually microseconds away under load, and a park costs a system call
-            # here, one in the ingest (the doorbell) and a wake-up in the scheduler.
-            if spin_until_readable(waiting, spin):
-                spin = min(spin * 2, _SPIN_MAX_NS)
+            # Linger before parking (workers/linger.py): sleep out the rest of the tick, so a
+            # trickle of reads gathers into one pass and one wake-up, and the ingest needs no
+            # doorbell meanwhile (our waiting flag is not set). Park only when that found nothing.
+            if napper.nap() and any_readable(waiting):
                 continue
-            spin = max(spin // 2, _SPIN_MIN_NS)
             try:
                 fired = wait_any(waiting, 1.0, sentinels)
             except RingClosedError:
