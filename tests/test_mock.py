@@ -4,6 +4,7 @@ framing, and against the official SDKs (their accumulators and their async clien
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -551,6 +552,280 @@ async def test_official_async_clients_read_the_mock(mock, session):
     finally:
         await oc.close()
         await ac.close()
+
+
+# --- the shared pacer: fault-free streams, paced or not ----------------------------------------
+
+
+def _openai_text(body: bytes) -> str:
+    """Choice 0's text of an openai-chat SSE body, decoded by hand (data lines, JSON, deltas)."""
+    out = []
+    for line in body.split(b"\n"):
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            choices = json.loads(line[6:])["choices"]
+            if choices and choices[0]["delta"].get("content"):
+                out.append(choices[0]["delta"]["content"])
+    return "".join(out)
+
+
+def _parse_chunked(raw: bytes) -> tuple[list[bytes], bytes] | None:
+    """An HTTP/1.1 chunked body (RFC 9112 section 7.1, no trailers): (chunks, the bytes after its
+    last-chunk), or None while incomplete. Raises on anything that is not valid chunked framing."""
+    chunks: list[bytes] = []
+    pos = 0
+    while True:
+        eol = raw.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size_line = raw[pos:eol]
+        assert re.fullmatch(rb"[0-9a-fA-F]+", size_line), size_line[:40]
+        size = int(size_line, 16)
+        pos = eol + 2
+        if size == 0:
+            if len(raw) < pos + 2:
+                return None
+            assert raw[pos : pos + 2] == b"\r\n", "trailer or garbage after the last chunk"
+            return chunks, raw[pos + 2 :]
+        if len(raw) < pos + size + 2:
+            return None
+        assert raw[pos + size : pos + size + 2] == b"\r\n", "chunk data longer than its size"
+        chunks.append(raw[pos : pos + size])
+        pos += size + 2
+
+
+def _raw_request(path: str, body: dict, *, version: str = "1.1", close: bool = False) -> bytes:
+    data = json.dumps(body).encode()
+    head = f"POST {path} HTTP/{version}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    if close:
+        head += "Connection: close\r\n"
+    return head.encode() + b"\r\n" + data
+
+
+async def _read_chunked_response(reader: asyncio.StreamReader, buf: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """Read one chunked response: (head, chunks, the bytes read past its end)."""
+    while b"\r\n\r\n" not in buf:
+        more = await asyncio.wait_for(reader.read(65536), 10)
+        assert more, "EOF inside the headers"
+        buf += more
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    while (parsed := _parse_chunked(rest)) is None:
+        more = await asyncio.wait_for(reader.read(65536), 10)
+        assert more, "EOF inside the chunked body"
+        rest += more
+    return head, parsed[0], parsed[1]
+
+
+def _pacer(mock: MockProviderServer):
+    return mock._pacer  # the server's one pacer (white box: whether it holds a stream)
+
+
+async def _until(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_paced_events_never_leave_before_their_time(mock, session):
+    # jitter 0: content event k is due k * 10 ms after its stream's start; the loop's timers have
+    # ~1 ms granularity, so nothing may leave more than ~2 ms early, and lateness only adds.
+    # Streams started a little apart share the pacer, so one's time must not pull another's in.
+    async def one(i: int):
+        await asyncio.sleep(i * 0.0007)
+        body = request_body("openai-chat", 20, seed=40 + i, mock={"tps": 100})
+        return body, await fetch(session, mock.url("openai-chat"), body)
+
+    for i, (body, (resp, reads, _, _)) in enumerate(await asyncio.gather(*(one(i) for i in range(12)))):
+        log = mock.stream_log(resp.headers["x-request-id"])
+        assert log.status == "complete" and collect("openai-chat", reads).text == expected_text("openai-chat", 40 + i, body)
+        t0 = log.event_times_ns[0]  # the role chunk goes at once
+        content = log.event_times_ns[1:21]
+        for k, t in enumerate(content, start=1):
+            assert t - t0 >= k * 10_000_000 - 2_000_000, (i, k, (t - t0) / 1e6)
+        spread = (content[-1] - content[0]) / 1e9
+        assert 0.17 < spread < 3.0  # 19 gaps of 10 ms; the upper bound is liveness only
+
+
+async def test_jittered_pacing_varies_the_gaps_around_the_rate(mock, session):
+    body = request_body("openai-chat", 30, mock={"tps": 200, "jitter": 0.5})
+    resp, reads, _, _ = await fetch(session, mock.url("openai-chat"), body)
+    log = mock.stream_log(resp.headers["x-request-id"])
+    gaps = [(b - a) / 1e6 for a, b in zip(log.event_times_ns[1:31], log.event_times_ns[2:31])]
+    # Gaps uniform in [2.5, 7.5] ms: not all equal, 29 of them about 145 ms in all.
+    assert max(gaps) - min(gaps) > 1.0
+    assert 0.09 < sum(gaps) / 1e3 < 3.0
+    assert collect("openai-chat", reads).usage.output_tokens == 30
+
+
+async def test_the_log_of_a_paced_stream_is_what_the_client_read(mock, session):
+    body = request_body("anthropic", 25, mock={"tps": 400, "jitter": 0.5})
+    resp, reads, _, err = await fetch(session, mock.url("anthropic"), body)
+    assert err is None
+    text = collect("anthropic", reads).text
+    assert text == expected_text("anthropic", 11, body)
+    log = mock.stream_log(resp.headers["x-request-id"])
+    assert log.status == "complete" and log.text_tokens == 25
+    assert log.text_sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert log.bytes_sent == sum(map(len, reads))
+    assert log.events_sent == len(sse_events(b"".join(reads))) == len(log.event_times_ns)
+    assert log.event_times_ns == sorted(log.event_times_ns) and log.ended_ns >= log.event_times_ns[-1]
+
+
+async def test_many_concurrent_paced_streams_complete_with_exact_text(mock):
+    n = 200
+    bodies = [request_body("openai-chat", 15, seed=1000 + i, mock={"tps": 100, "jitter": 0.5}) for i in range(n)]
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, len(_pacer(mock)))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            results = await asyncio.wait_for(asyncio.gather(*(fetch(s, mock.url("openai-chat"), b) for b in bodies)), 60)
+    finally:
+        watcher.cancel()
+    assert peak >= n // 2  # one pacer held most of the streams at once
+    for i, (resp, reads, _, err) in enumerate(results):
+        assert err is None
+        text = _openai_text(b"".join(reads))
+        assert text == expected_text("openai-chat", 1000 + i, bodies[i])
+        log = mock.stream_log(resp.headers["x-request-id"])
+        assert log.status == "complete" and log.text_sha256 == hashlib.sha256(text.encode()).hexdigest()
+    assert len(_pacer(mock)) == 0
+
+
+@pytest.mark.parametrize("tps, batch", [(500, 1), (None, 3)])
+async def test_raw_socket_reads_valid_chunked_bodies_that_end_once(mock, tps, batch):
+    # Two responses on one keep-alive connection: each body must be valid chunked framing ending
+    # with exactly one last-chunk, so the second response starts right after the first.
+    # (Paced events wait alone; `batch` groups the events that go together.)
+    bodies = [request_body("openai-chat", 12, seed=s, mock={"tps": tps, "batch": batch}) for s in (5, 6)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", mock.port)
+    try:
+        writer.write(_raw_request("/v1/chat/completions", bodies[0]))
+        head, chunks, rest = await _read_chunked_response(reader, b"")
+        assert rest == b""  # nothing after the last-chunk
+        writer.write(_raw_request("/v1/chat/completions", bodies[1], close=True))
+        head2, chunks2, rest2 = await _read_chunked_response(reader, rest)
+        rest2 += await asyncio.wait_for(reader.read(), 10)  # then the server closes
+        assert rest2 == b""
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    for h, ch, body, seed in ((head, chunks, bodies[0], 5), (head2, chunks2, bodies[1], 6)):
+        lines = h.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 200 OK"
+        hdrs = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        assert hdrs["transfer-encoding"] == "chunked" and "content-length" not in hdrs
+        data = b"".join(ch)
+        assert _openai_text(data) == expected_text("openai-chat", seed, body)
+        events = sse_events(data)
+        log = mock.stream_log(hdrs["x-request-id"])
+        assert log.status == "complete" and log.events_sent == len(events) and log.bytes_sent == len(data)
+        # One chunk per socket write, each `batch` whole events (the last one may hold fewer).
+        assert all(c.endswith(b"\n\n") for c in ch)
+        assert [len(sse_events(c)) for c in ch[:-1]] == [batch] * (len(ch) - 1)
+        assert 1 <= len(sse_events(ch[-1])) <= batch
+
+
+async def test_http10_client_gets_the_raw_body_and_a_close(mock):
+    body = request_body("openai-chat", 10, mock={"tps": 500})
+    reader, writer = await asyncio.open_connection("127.0.0.1", mock.port)
+    try:
+        writer.write(_raw_request("/v1/chat/completions", body, version="1.0"))
+        raw = await asyncio.wait_for(reader.read(), 10)  # HTTP/1.0: the body ends when the server closes
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, data = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"transfer-encoding" not in head.lower()
+    assert _openai_text(data) == expected_text("openai-chat", 11, body)
+    assert data.endswith(b"data: [DONE]\n\n")
+
+
+async def test_client_that_leaves_mid_stream_is_client_closed_and_the_pacer_lets_go(mock):
+    body = request_body("openai-chat", 200, mock={"tps": 50})  # ~4 s if read to the end
+    reader, writer = await asyncio.open_connection("127.0.0.1", mock.port)
+    got = b""
+    try:
+        writer.write(_raw_request("/v1/chat/completions", body))
+        while got.count(b"data: ") < 4:
+            more = await asyncio.wait_for(reader.read(65536), 10)
+            assert more
+            got += more
+        rid = re.search(rb"x-request-id: (\S+)", got, re.I).group(1).decode()
+        assert len(_pacer(mock)) == 1  # waiting for its next event
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    log = mock.stream_log(rid)
+    await _until(lambda: log.status != "open")
+    assert log.status == "client_closed"
+    assert 4 <= log.events_sent < 200 and log.text_tokens < 200 and log.ended_ns is not None
+    assert len(_pacer(mock)) == 0 and not _pacer(mock)._buckets
+    await _until(lambda: not mock._tasks)  # the handler ended too
+
+
+async def test_a_cancelled_handler_is_cancelled_and_leaves_the_pacer():
+    server = await MockProviderServer(seed=3).start()
+    pacer = _pacer(server)
+    body = request_body("gemini", 300, mock={"tps": 50})
+    try:
+        async with aiohttp.ClientSession() as s:
+            tasks = [asyncio.create_task(fetch(s, server.url("gemini"), body)) for _ in range(2)]
+            await _until(lambda: len(server.streams) == 2 and min(log.events_sent for log in server.streams) >= 2)
+            first, second = server.streams
+            assert len(pacer) == 2
+            # One handler cancelled while the server runs on (what close() does to every one).
+            next(iter(server._tasks)).cancel()
+            await _until(lambda: "cancelled" in (first.status, second.status))
+            cancelled = first if first.status == "cancelled" else second
+            assert cancelled.ended_ns is not None and cancelled.text_sha256 is not None
+            assert len(pacer) == 1 and pacer._timer is not None  # the other stream goes on
+            await server.close()
+            for t in tasks:
+                _, _, _, err = await asyncio.wait_for(t, 10)
+                assert err is not None  # neither body ended
+    finally:
+        await server.close()
+    assert first.status == second.status == "cancelled"
+    assert len(pacer) == 0 and pacer._timer is None
+
+
+async def test_slow_reader_holds_the_writer_back_instead_of_buffering_the_body(mock):
+    # An unpaced body of several MB to a reader that does not read: the server must stop writing
+    # once the transport is over its high-water mark (bounded memory), then finish exactly.
+    import socket
+
+    body = request_body("openai-chat", 40000, seed=8)  # ~8 MB, more than the kernel buffers hold
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", mock.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(_raw_request("/v1/chat/completions", body, close=True))
+        await _until(lambda: mock.streams and mock.streams[-1].bytes_sent > 0)
+        log = mock.streams[-1]
+        await asyncio.sleep(0.3)
+        stalled_at = log.bytes_sent
+        assert log.status == "open"
+        # What waits in the server's own buffer stays near the transport's high-water mark
+        # (64 KiB) plus one write; the rest of the body is not written yet.
+        (conn,) = mock._runner.server.connections
+        assert conn.transport.get_write_buffer_size() < 256 * 1024
+        raw = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    chunks, rest = _parse_chunked(raw.partition(b"\r\n\r\n")[2])
+    data = b"".join(chunks)
+    assert rest == b"" and log.status == "complete" and log.bytes_sent == len(data) > stalled_at
+    assert _openai_text(data) == expected_text("openai-chat", 8, body)
 
 
 # --- the mock in its own process and from the shell ------------------------------------------

@@ -280,6 +280,29 @@ async def test_drop_then_resume_with_last_event_id_loses_and_repeats_nothing(moc
     assert first.text_tokens + second.text_tokens == 30
 
 
+async def test_a_paced_stream_resumed_after_a_drop_is_paced_and_exact(mock):
+    body = body_for("openai-chat", 40, fault="drop", tps=200)
+    result, stream = await run_http(mock, "openai-chat", body)
+    assert result.ok, result.error
+    assert result.text == expected_stream("openai-chat", body).text and stream.reconnects == 1
+    first, second = mock.streams[-2:]
+    assert first.status == "disconnected" and second.resumed_from == first.request_id and second.status == "complete"
+    assert first.text_tokens + second.text_tokens == 40
+    # The second leg keeps the pace: its content events (one token each) 5 ms apart.
+    content = second.text_tokens
+    spread = (second.event_times_ns[-1] - second.event_times_ns[0]) / 1e9
+    assert content >= 10 and spread >= (content - 2) * 0.005 - 0.002
+
+
+async def test_a_stall_in_a_paced_stream_still_stalls(mock):
+    body = body_for("anthropic", 20, fault="stall:0.3", tps=400)
+    result, _ = await run_http(mock, "anthropic", body, idle_timeout=5)
+    assert result.ok and result.text == expected_stream("anthropic", body).text
+    log = mock.streams[-1]
+    gaps = [b - a for a, b in zip(log.event_times_ns, log.event_times_ns[1:])]
+    assert log.status == "complete" and max(gaps) >= 0.29e9 and sorted(gaps)[-2] < 0.2e9
+
+
 async def test_last_event_id_continues_right_after_that_event(mock, session):
     body = body_for("anthropic", 12, fault="ids")
     _, _, reads, _ = await fetch(session, mock.url("anthropic"), body)

@@ -12,16 +12,18 @@ import random
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import msgspec
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from ..recording import Recording, iter_replay_chunks
 from .content import DIALECTS, ExpectedStream, MockOptions, build_plan, parse_options, plan_expected, stream_seed
-from .dialects import DIALECT_FRAMING, WireEvent, frame, http_error_body, render
+from .dialects import DIALECT_FRAMING, frame, http_error_body, render
 from .faults import EOLS as _EOLS
 from .faults import Fault, FaultPicker, parse_fault, shape_body
+from .pacer import DONE, DRAIN, Body, PacedStream, Pacer
 
 __all__ = ["MockProviderServer", "StreamLog"]
 
@@ -98,11 +100,12 @@ class MockProviderServer:
         self._shutdown_timeout = shutdown_timeout
         self._logs: OrderedDict[str, StreamLog] = OrderedDict()
         self._by_key: dict[str, str] = {}
-        self._resumable: OrderedDict[str, tuple[list[bytes], list[str | None], list[WireEvent], str]] = OrderedDict()
+        self._resumable: OrderedDict[str, tuple[Body, str]] = OrderedDict()  # request id -> body, dialect
         self._counter = 0
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._tasks: set[asyncio.Task] = set()  # open streams, cancelled at close (a stall must not hold it)
+        self._pacer: Pacer | None = None  # sends every fault-free stream's frames (created in start)
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -125,6 +128,7 @@ class MockProviderServer:
 
     async def start(self) -> "MockProviderServer":
         """Bind and listen (port 0: a free port, read it from `port`)."""
+        self._pacer = Pacer(asyncio.get_running_loop())
         self._runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=self._shutdown_timeout, handle_signals=False)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.host, self._port, reuse_address=True)
@@ -141,6 +145,9 @@ class MockProviderServer:
             for task in list(self._tasks):
                 task.cancel()
             await runner.cleanup()
+        pacer, self._pacer = self._pacer, None
+        if pacer is not None:
+            pacer.close()
 
     async def __aenter__(self) -> "MockProviderServer":
         return await self.start()
@@ -255,6 +262,18 @@ class MockProviderServer:
             model = request.match_info["model_action"].partition(":")[0]
             if "model" not in body:
                 body = dict(body, model=model)
+        wire, ctl, truncated = self._build_body(log, dialect, body, opts, seed, fault)
+        resp, writer = await self._prepare(request, log, resp_headers, dialect != "gemini")
+        await self._send(request, resp, writer, log, wire, ctl)
+        if log.status == "complete" and truncated:
+            log.status = "truncated"
+        return resp
+
+    def _build_body(
+        self, log: StreamLog, dialect: str, body: Mapping[str, Any], opts: MockOptions, seed: int, fault: Fault | None
+    ) -> tuple[Body, _Control, bool]:
+        """The stream's body (after its fault), how to send it, and whether it ends early on
+        purpose. Synchronous so the plan and its event objects are freed before the body goes out."""
         size = fault.oversize_bytes() if fault else None
         plan = build_plan(dialect, body, opts, seed, oversize_bytes=size, oversize_at=opts.fault_at)
         events = render(plan)
@@ -271,19 +290,16 @@ class MockProviderServer:
             f"{log.request_id}.{i}" if with_ids and e.comment is None and e.retry is None else None for i, e in enumerate(events)
         ]
         frames = [frame(e, body_plan.eol, sep, eid) for e, eid in zip(events, ids)]
+        wire = Body.of(frames, events)
         if with_ids:
-            self._resumable[log.request_id] = (frames, ids, events, dialect)
+            self._resumable[log.request_id] = (wire, dialect)
             while len(self._resumable) > _RESUME_KEEP:
                 self._resumable.popitem(last=False)
         if body_plan.cut_at_byte is not None:
             ctl.cut_at = body_plan.cut_at_byte if body_plan.cut_at_byte >= 0 else sum(map(len, frames)) // 2
         elif body_plan.cut_inside is not None and body_plan.cut_inside < len(frames):
             ctl.cut_at = sum(map(len, frames[: body_plan.cut_inside])) + len(frames[body_plan.cut_inside]) // 2
-        resp = await self._prepare(request, log, resp_headers, dialect != "gemini")
-        await self._send(request, resp, log, frames, events, ctl)
-        if log.status == "complete" and body_plan.truncated:
-            log.status = "truncated"
-        return resp
+        return wire, ctl, body_plan.truncated
 
     def _headers(self, log: StreamLog, fault: Fault | None) -> dict[str, str]:
         h = {"x-request-id": log.request_id, "cache-control": "no-cache"}
@@ -309,25 +325,34 @@ class MockProviderServer:
         log.headers_ns = log.ended_ns = time.monotonic_ns()
         return web.Response(status=status, body=http_error_body(dialect, status), content_type="application/json", headers=headers)
 
-    async def _prepare(self, request: web.Request, log: StreamLog, headers: dict[str, str], charset: bool) -> web.StreamResponse:
+    async def _prepare(
+        self, request: web.Request, log: StreamLog, headers: dict[str, str], charset: bool
+    ) -> tuple[web.StreamResponse, AbstractStreamWriter | None]:
         resp = web.StreamResponse(status=200, headers=headers)
         resp.content_type = "text/event-stream"
         if charset:  # OpenAI, Anthropic and TGI say `; charset=utf-8`, Gemini does not
             resp.charset = "utf-8"
-        await resp.prepare(request)
+        writer = await resp.prepare(request)
         log.headers_ns = time.monotonic_ns()
-        return resp
+        return resp, writer
 
     async def _send(
         self,
         request: web.Request,
         resp: web.StreamResponse,
+        writer: AbstractStreamWriter | None,
         log: StreamLog,
-        frames: list[bytes],
-        events: list[WireEvent],
+        wire: Body,
         ctl: _Control,
     ) -> None:
         """Write the frames with pacing and byte faults; keep the log current as events leave."""
+        if ctl.cut_at is None and not ctl.bytewise and ctl.stall_before is None and self._pacer is not None:
+            direct = _direct_write(writer)
+            if direct is not None:
+                await self._send_paced(resp, writer, direct, log, wire, ctl)
+                return
+        # A byte-level fault (or a writer without a synchronous write): one coroutine per stream.
+        frames, ntoks, ntok0s, texts = wire.frames, wire.ntok, wire.ntok0, wire.text0
         hasher = hashlib.sha256()
         loop = asyncio.get_running_loop()
         next_t = loop.time()
@@ -339,10 +364,9 @@ class MockProviderServer:
             now = time.monotonic_ns()
             for j in pending:
                 times.append(now)
-                ev = events[j]
-                if ev.text0:
-                    hasher.update(ev.text0.encode("utf-8"))
-                log.text_tokens += ev.ntok0
+                if texts[j]:
+                    hasher.update(texts[j].encode("utf-8"))
+                log.text_tokens += ntok0s[j]
             log.events_sent += len(pending)
             pending.clear()
 
@@ -358,12 +382,12 @@ class MockProviderServer:
 
         try:
             for i, fr in enumerate(frames):
-                ev = events[i]
+                ntok = ntoks[i]
                 if ctl.stall_before == i:
                     await flush()
                     await asyncio.sleep(ctl.stall_s)
-                if ctl.tps and ev.ntok:
-                    gap = ev.ntok / ctl.tps
+                if ctl.tps and ntok:
+                    gap = ntok / ctl.tps
                     if ctl.jitter:
                         gap *= 1.0 + ctl.jitter * (2.0 * ctl.rng.random() - 1.0)
                     next_t += gap
@@ -409,6 +433,41 @@ class MockProviderServer:
             log.ended_ns = time.monotonic_ns()
             log.text_sha256 = hasher.hexdigest()
 
+    async def _send_paced(
+        self,
+        resp: web.StreamResponse,
+        writer: Any,
+        write: Callable[[bytes], None],
+        log: StreamLog,
+        wire: Body,
+        ctl: _Control,
+    ) -> None:
+        """`_send` for a stream without byte-level faults: the server's one pacer writes its frames
+        (same grouping, pacing and log as `_send`) while this handler waits for the end."""
+        pacer = self._pacer
+        assert pacer is not None
+        stream = PacedStream(
+            write=write, flow=writer.protocol, chunked=writer.chunked, body=wire, log=log,
+            loop=asyncio.get_running_loop(), tps=ctl.tps, jitter=ctl.jitter, rng=ctl.rng, batch=ctl.batch,
+        )
+        try:
+            while (state := await pacer.run(stream)) == DRAIN:
+                await writer.drain()  # what resp.write does once the transport pauses writing
+            if state == DONE:
+                await resp.write_eof()
+                log.status = "complete"
+            else:
+                log.status = "client_closed"
+        except ConnectionError:
+            log.status = "client_closed"
+        except asyncio.CancelledError:
+            pacer.discard(stream)
+            log.status = "cancelled"
+            raise
+        finally:
+            log.ended_ns = time.monotonic_ns()
+            log.text_sha256 = stream.digest()
+
     async def _resume(self, request: web.Request, log: StreamLog, last_id: str, opts: MockOptions) -> web.StreamResponse:
         rid, _, n = last_id.rpartition(".")
         stored = self._resumable.get(rid)
@@ -416,15 +475,15 @@ class MockProviderServer:
             log.status, log.http_status, log.ended_ns = "http_error", 410, time.monotonic_ns()
             body = json.dumps({"error": {"message": f"unknown Last-Event-ID {last_id!r}", "type": "invalid_request_error"}})
             return web.Response(status=410, body=body, content_type="application/json", headers={"x-request-id": log.request_id})
-        frames, ids, events, dialect = stored
+        wire, dialect = stored
         after = int(n)
         log.resumed_from, log.resume_after, log.dialect = rid, after, dialect
         parent = self._logs.get(rid)
         if parent is not None:
             log.seed = parent.seed
         start = after + 1
-        resp = await self._prepare(request, log, self._headers(log, None), dialect != "gemini")
-        await self._send(request, resp, log, frames[start:], events[start:], _Control(opts, log.seed or 0))
+        resp, writer = await self._prepare(request, log, self._headers(log, None), dialect != "gemini")
+        await self._send(request, resp, writer, log, wire.tail(start), _Control(opts, log.seed or 0))
         return resp
 
     # --- replay ---------------------------------------------------------------------------
@@ -454,7 +513,7 @@ class MockProviderServer:
             return web.Response(status=404, body=body, content_type="application/json", headers={"x-request-id": log.request_id})
         rec = Recording.load(path)
         pace = 1.0 if pace is None else pace
-        resp = await self._prepare(request, log, self._headers(log, None), False)  # bytes as recorded
+        resp, _ = await self._prepare(request, log, self._headers(log, None), False)  # bytes as recorded
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         times = [t for _, t in rec.reads]
@@ -500,6 +559,28 @@ def _request_seed(opts: MockOptions, body: Mapping[str, Any]) -> int | None:
 
 def _retry_after(seconds: float) -> str:
     return str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}"
+
+
+def _direct_write(writer: AbstractStreamWriter | None) -> Callable[[bytes], None] | None:
+    """The writer's synchronous write of body bytes framed by the caller (one HTTP/1.1 chunk per
+    write when `writer.chunked`), or None when this aiohttp's StreamWriter has none or would
+    change the bytes (compression, a declared length, chunk-sent signals, headers not yet sent).
+    Going through it keeps the writer's byte counts right; `write_eof()` then ends the body."""
+    write = getattr(writer, "_write", None)
+    protocol = getattr(writer, "protocol", None)
+    if (
+        not callable(write)
+        or not isinstance(getattr(writer, "chunked", None), bool)
+        or not isinstance(getattr(protocol, "writing_paused", None), bool)
+        or getattr(writer, "_compress", None) is not None
+        or getattr(writer, "length", None) is not None
+        or getattr(writer, "_on_chunk_sent", None) is not None
+        or getattr(writer, "on_body_write", None) is not None
+        or getattr(writer, "_headers_buf", None)  # headers still buffered: they must go first
+        or getattr(writer, "_eof", False)
+    ):
+        return None
+    return write
 
 
 def _drop_connection(request: web.Request) -> None:
