@@ -36,6 +36,7 @@ from pipeline.transformers import (
     Fail,
     Replace,
     StopSequence,
+    StreamObserver,
     StreamTransformer,
     TokenAccumulator,
     ToolArgumentSnapshots,
@@ -739,3 +740,31 @@ def test_callback_sees_every_token_including_the_terminal_and_held_releases():
     chain = TransformerChain([StopSequence(["zz"]), Callback(seen.append)])
     chain.process([Delta("az"), Usage(1, 1), Done("stop")])
     assert seen == [Delta("a"), Usage(1, 1), Delta("z"), Done("stop")]
+
+
+class _Seen(StreamObserver):
+    """An observer that records every batch it is shown and whether finish() was called."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+        self.finished = 0
+
+    def observe_batch(self, tokens) -> None:
+        self.batches.append(list(tokens))
+
+    def finish(self):
+        self.finished += 1
+        return []
+
+
+def test_a_chain_of_observers_shows_each_batch_to_each_observer_then_ends_at_the_terminal():
+    a, b = _Seen(), _Seen()
+    chain = TransformerChain([a, b])
+    first = [Delta("x"), Delta("y")]
+    assert chain.process(first) == first
+    assert chain.process([Delta("z"), Done("stop"), Delta("after")]) == [Delta("z"), Done("stop")]
+    assert chain.process([Delta("late")]) == []  # nothing after the end
+    for seen in (a, b):
+        assert seen.batches == [[Delta("x"), Delta("y")], [Delta("z"), Done("stop")]]
+        assert seen.finished == 1  # held text (none here) is asked for before the terminal
+    assert chain.ended and not chain.stop_requested
