@@ -254,8 +254,13 @@ class Ingest:
         self.linger_s = linger_s
         self.linger: LoopLinger | None = None  # made in run(), on the loop
         k = len(event_rings)
+        # Per worker: ring entries ready to write, and the open run of event batches that will
+        # become the next KIND_SSE_LIST entry (see _send_items).
         self.pending: list[list[tuple[int, bytes]]] = [[] for _ in range(k)]
+        self.runs: list[list[bytes]] = [[] for _ in range(k)]
+        self.run_bytes = [0] * k
         self.max_entry = [r.max_entry_payload for r in event_rings]
+        self.join_limit = [min(m, _JOIN_MAX_BYTES) - JOIN_OVERHEAD for m in self.max_entry]
         self.blocked = [False] * k
         self.parked = [False] * k  # waiting on the ring's space doorbell
         self.gates: list[asyncio.Event] = []
@@ -289,27 +294,46 @@ class Ingest:
 
     def _send_items(self, st: _IngestStream, kind: int, payload: bytes) -> None:
         w = st.worker
-        if len(payload) <= self.max_entry[w]:
+        n = len(payload)
+        item = (kind, payload)
+        if kind == KIND_SSE and n <= self.join_limit[w]:
+            # Event batches gather into the worker's open run, joined into one KIND_SSE_LIST
+            # entry when the run closes (one ring entry, one decode call in the worker).
+            if self.run_bytes[w] + n > self.join_limit[w]:
+                self._close_run(w)
+            self.runs[w].append(payload)
+            self.run_bytes[w] += n
             items = None
-            item = (kind, payload)
-            self.pending[w].append(item)
         else:
-            items = ring_items(kind, payload, self.max_entry[w])
-            self.pending[w].extend(items)
+            self._close_run(w)  # keeps this stream's order: what came before goes first
+            if n <= self.max_entry[w]:
+                items = None
+                self.pending[w].append(item)
+            else:
+                items = ring_items(kind, payload, self.max_entry[w])
+                self.pending[w].extend(items)
         lg = st.log
         if lg is not None:
-            st.log_bytes += len(payload)
+            st.log_bytes += n
             if st.log_bytes > self.replay_log_bytes:
                 st.log = None  # too big to replay: a crash of its worker fails this stream
             elif items is None:
                 lg.append(item)
             else:
                 lg.extend(items)
-        if len(self.pending[w]) >= _FLUSH_ITEMS:
+        if len(self.runs[w]) + len(self.pending[w]) >= _FLUSH_ITEMS:
             self._flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
+
+    def _close_run(self, w: int) -> None:
+        """Turn worker w's open run of event batches into one pending ring entry."""
+        run = self.runs[w]
+        if run:
+            self.pending[w].append((KIND_SSE_LIST, join_batches(run)) if len(run) > 1 else (KIND_SSE, run[0]))
+            self.runs[w] = []
+            self.run_bytes[w] = 0
 
     def _send(self, st: _IngestStream, record: Any) -> None:
         kind, payload = self._encode_record(record)
@@ -319,6 +343,8 @@ class Ingest:
         self._flush_scheduled = False
         retry = False
         for w, items in enumerate(self.pending):
+            if self.runs[w]:
+                self._close_run(w)
             if not items:
                 continue
             ring = self.event_rings[w]
@@ -354,41 +380,13 @@ class Ingest:
             self._flush()
 
     def _write_pending(self, ring: Ring, items: list[tuple[int, bytes]], w: int) -> None:
-        """Write what fits of `items` (removing it), runs of event batches joined into
-        KIND_SSE_LIST entries: one ring entry and one decode call in the worker for many reads."""
-        if len(items) == 1:
-            if ring.try_write_batch(items):
-                items.clear()
-            return
-        limit = min(self.max_entry[w], _JOIN_MAX_BYTES) - JOIN_OVERHEAD
-        entries: list[tuple[int, bytes]] = []
-        counts: list[int] = []
-        run: list[bytes] = []
-        size = 0
-        for kind, payload in items:
-            if kind == KIND_SSE and size + len(payload) <= limit:
-                run.append(payload)
-                size += len(payload)
-                continue
-            if run:
-                entries.append((KIND_SSE_LIST, join_batches(run)) if len(run) > 1 else (KIND_SSE, run[0]))
-                counts.append(len(run))
-                run = []
-                size = 0
-            if kind == KIND_SSE:
-                run.append(payload)
-                size = len(payload)
-            else:
-                entries.append((kind, payload))
-                counts.append(1)
-        if run:
-            entries.append((KIND_SSE_LIST, join_batches(run)) if len(run) > 1 else (KIND_SSE, run[0]))
-            counts.append(len(run))
-        n = ring.try_write_batch(entries)
-        if n == len(entries):
+        """Write what fits of worker w's pending entries (removing it), its open run closed first."""
+        self._close_run(w)
+        n = ring.try_write_batch(items)
+        if n == len(items):
             items.clear()
         elif n:
-            del items[: sum(counts[:n])]
+            del items[:n]
 
     def _on_space(self, w: int) -> None:
         ring = self.event_rings[w]
@@ -707,6 +705,8 @@ class Ingest:
                 del self.streams[sid]
         # What was still pending is in the logs (or belongs to a stream failed just above).
         self.pending[w] = items
+        self.runs[w] = []
+        self.run_bytes[w] = 0
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
