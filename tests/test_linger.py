@@ -14,7 +14,7 @@ from pipeline.sources import Replay
 from workers.linger import LoopLinger, Napper
 
 
-async def test_the_loop_lingers_a_tick_after_a_read_and_stops_after_a_quiet_pass():
+async def test_the_loop_lingers_while_reads_come_and_stops_after_a_quiet_tick():
     loop = asyncio.get_running_loop()
     flushed: list[float] = []
     linger = LoopLinger(loop, 0.05, before_sleep=lambda: flushed.append(time.perf_counter()))
@@ -25,11 +25,15 @@ async def test_the_loop_lingers_a_tick_after_a_read_and_stops_after_a_quiet_pass
     t1 = time.perf_counter()
     assert len(flushed) == 1 and flushed[0] - t0 < 0.02  # the flush comes before the sleep
     assert 0.04 <= t1 - t0 < 0.5
-    await asyncio.sleep(0)  # a pass with no read: ticking ends, no more sleeping
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a pass with no read: reads often land just after, so one more tick
     t2 = time.perf_counter()
+    assert linger.active and len(flushed) == 1
+    assert 0.04 <= t2 - t1 < 0.5
+    await asyncio.sleep(0)  # a second quiet pass: ticking ends, no more sleeping
+    await asyncio.sleep(0)
+    t3 = time.perf_counter()
     assert not linger.active and len(flushed) == 1
-    assert t2 - t1 < 0.03
+    assert t3 - t2 < 0.03
     linger.note()  # the next read starts it again
     assert linger.active
     await asyncio.sleep(0)
@@ -52,16 +56,21 @@ async def test_lingering_off_never_ticks():
     assert not linger.active
 
 
-def test_a_napper_sleeps_out_the_rest_of_its_tick_only():
+def test_a_napper_lingers_after_work_for_a_quiet_tick_then_says_park():
     assert Napper(0.0).nap() is False  # off: park at once
     napper = Napper(0.05)
+    assert napper.nap() is False  # no work seen yet: nothing to linger for
+    napper.worked()
     t0 = time.perf_counter()
-    assert napper.nap() is True
+    assert napper.nap() is True  # sleeps out the rest of the tick
     assert 0.04 <= time.perf_counter() - t0 < 0.5
+    assert napper.nap() is True  # one more tick: reads often land just after a pass
+    assert napper.nap() is False  # a whole quiet tick: park
+    napper.worked()
     time.sleep(0.06)  # a busy pass longer than the tick
     t1 = time.perf_counter()
     assert napper.nap() is True
-    assert time.perf_counter() - t1 < 0.03
+    assert time.perf_counter() - t1 < 0.03  # no sleep: the tick is already over
 
 
 def test_linger_ms_is_checked():

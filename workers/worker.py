@@ -18,7 +18,7 @@ import msgspec
 
 from pipeline.core import StreamingPipeline, StreamSession
 from pipeline.tokens import Error
-from shm.multiwait import any_readable, closed_and_drained, wait_any
+from shm.multiwait import closed_and_drained, wait_any
 from shm.records import (
     KIND_END,
     KIND_OPEN,
@@ -233,6 +233,8 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
                 else:
                     on_end(rec)
             work = rec = None
+        if got:
+            napper.worked()
         outputs = core.outputs
         if outputs:
             if any(len(p) > out_max for _, p in outputs):
@@ -254,9 +256,9 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
             waiting = [event_rings[j] for j in open_rings]
             # Linger before parking (workers/linger.py): sleep out the rest of the tick, so a
             # trickle of reads gathers into one pass and one wake-up, and the ingest needs no
-            # doorbell meanwhile (our waiting flag is not set). Park only when that found nothing.
-            if napper.nap() and any_readable(waiting):
-                continue
+            # doorbell meanwhile (our waiting flag is not set). Park after a whole quiet tick.
+            if napper.nap():
+                continue  # a pass over what came meanwhile (an empty one naps again)
             try:
                 fired = wait_any(waiting, 1.0, sentinels)
             except RingClosedError:
