@@ -461,6 +461,8 @@ class _Pusher:
     async def run(self) -> Any:
         """Push reads until the body ends (None), the sink pauses (_PAUSED) or an error (raised)."""
         fut = self._fut = self._loop.create_future()
+        if self._watch is not None:
+            self._watch.wait_from(self._loop.time())
         try:
             self.set_result(None)  # what is buffered already; then wait for feed_data()
             return await fut
@@ -487,7 +489,8 @@ class _Pusher:
             if exc is not None:
                 fut.set_exception(exc)
                 return
-            if content._buffer:
+            drained = bool(content._buffer)
+            if drained:
                 handler = self._handler
                 if not handler._deliver(self._parser, _drain(content), handler.clock_ns(), self._sink):
                     fut.set_result(_PAUSED)
@@ -499,8 +502,10 @@ class _Pusher:
             fut.set_exception(exc)
             return
         content._waiter = self
+        # Waiting for bytes from now (a call with nothing buffered, such as the end of an HTTP
+        # chunk, changes nothing: the wait began at the last read).
         watch = self._watch
-        if watch is not None:
+        if drained and watch is not None:
             watch.wait_from(self._loop.time())
 
     def set_exception(self, exc: BaseException) -> None:
