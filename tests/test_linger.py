@@ -56,21 +56,39 @@ async def test_lingering_off_never_ticks():
     assert not linger.active
 
 
-def test_a_napper_lingers_after_work_for_a_quiet_tick_then_says_park():
+def test_a_napper_lingers_after_work_and_says_park_after_two_quiet_ticks():
     assert Napper(0.0).nap() is False  # off: park at once
     napper = Napper(0.05)
     assert napper.nap() is False  # no work seen yet: nothing to linger for
     napper.worked()
     t0 = time.perf_counter()
-    assert napper.nap() is True  # sleeps out the rest of the tick
+    assert napper.nap() is True  # sleeps a tick
     assert 0.04 <= time.perf_counter() - t0 < 0.5
-    assert napper.nap() is True  # one more tick: reads often land just after a pass
-    assert napper.nap() is False  # a whole quiet tick: park
+    assert napper.nap() is True  # reads often land just after a pass: one more
+    assert napper.nap() is False  # two ticks with nothing: park
     napper.worked()
-    time.sleep(0.06)  # a busy pass longer than the tick
-    t1 = time.perf_counter()
-    assert napper.nap() is True
-    assert time.perf_counter() - t1 < 0.03  # no sleep: the tick is already over
+    assert napper.nap() is True  # work again: lingering again
+
+
+def test_a_napper_naps_less_when_reads_pile_up_during_its_naps_and_more_when_they_do_not():
+    napper = Napper(0.04, busy_bytes=1000)
+    napper.worked(0)
+    sizes = []
+    for _ in range(12):  # every nap is followed by a pass that takes more than busy_bytes
+        assert napper.nap() is True
+        napper.worked(5000)
+        sizes.append(napper.nap_s)
+    assert sizes[0] == 0.02 and sizes == sorted(sizes, reverse=True) and sizes[-1] == 0.0
+    t0 = time.perf_counter()
+    assert napper.nap() is True  # busy: yields the core, does not sleep
+    assert time.perf_counter() - t0 < 0.01
+    napper.worked(10)  # little came: the nap grows back, up to the tick
+    grown = []
+    for _ in range(12):
+        assert napper.nap() is True
+        napper.worked(10)
+        grown.append(napper.nap_s)
+    assert grown == sorted(grown) and grown[-1] == 0.04
 
 
 def test_linger_ms_is_checked():

@@ -18,17 +18,23 @@ budget; `pool(..., linger_ms=0)` turns lingering off for the lowest latency at a
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Callable
 
 __all__ = ["DEFAULT_TICK_S", "QUIET_PASSES", "LoopLinger", "Napper"]
 
 DEFAULT_TICK_S = 0.001
-# Empty passes in a row after which a process stops lingering and blocks (or parks).
+# Ticks without a read after which a process stops lingering and blocks (or parks): the reads of
+# a tick often land just after it, so one empty pass is not yet quiet.
 QUIET_PASSES = 2
+
+# The shortest nap worth a sleep: below it a sleep's wake-up costs more than the wait saves.
+_MIN_NAP_S = 0.00005
 
 _perf = time.perf_counter
 _sleep = time.sleep
+_yield = getattr(os, "sched_yield", lambda: None)
 
 
 class LoopLinger:
@@ -85,28 +91,44 @@ class LoopLinger:
 
 class Napper:
     """The same for a blocking consumer loop (a worker): when a pass finds nothing, `nap()` sleeps
-    out the rest of the tick and the caller makes another pass; once `QUIET_PASSES` naps in a row
-    found nothing (`worked()` resets the count) it returns False and the caller parks."""
+    and the caller makes another pass; once nothing has come for two ticks it returns False and
+    the caller parks. The nap adapts to the traffic: when the pass after a nap takes more than
+    `busy_bytes` (reads pile up while it sleeps, and a producer could meet a full ring) the nap
+    halves, down to yielding the core without sleeping; when it takes little, the nap doubles,
+    up to the tick."""
 
-    __slots__ = ("_tick", "_last", "_quiet")
+    __slots__ = ("_tick", "_busy", "_nap", "_last_work", "_napped")
 
-    def __init__(self, tick_s: float = DEFAULT_TICK_S) -> None:
+    def __init__(self, tick_s: float = DEFAULT_TICK_S, busy_bytes: int = 1 << 15) -> None:
         self._tick = tick_s
-        self._last = _perf()
-        self._quiet = QUIET_PASSES  # nothing seen yet: park at once
+        self._busy = busy_bytes
+        self._nap = tick_s
+        self._last_work = float("-inf")  # nothing seen yet: park at once
+        self._napped = False
 
-    def worked(self) -> None:
-        """The last pass found work: linger after the next empty one."""
-        self._quiet = 0
+    @property
+    def nap_s(self) -> float:
+        """The current nap length (0: yield the core, do not sleep)."""
+        return self._nap
+
+    def worked(self, nbytes: int = 0) -> None:
+        """The last pass found work: `nbytes` of it."""
+        self._last_work = _perf()
+        if self._napped:
+            self._napped = False
+            if nbytes > self._busy:
+                self._nap = self._nap / 2 if self._nap >= 2 * _MIN_NAP_S else 0.0
+            else:
+                self._nap = min(max(self._nap * 2, _MIN_NAP_S), self._tick)
 
     def nap(self) -> bool:
-        """After an empty pass: sleep out the rest of the tick and return True (make another
-        pass), or return False when it is time to park (lingering off, or a quiet tick)."""
-        if self._tick <= 0 or self._quiet >= QUIET_PASSES:
+        """After an empty pass: nap and return True (make another pass), or return False when it
+        is time to park (lingering off, or nothing for `QUIET_PASSES` ticks)."""
+        if self._tick <= 0 or _perf() - self._last_work >= QUIET_PASSES * self._tick:
             return False
-        self._quiet += 1
-        rest = self._tick - (_perf() - self._last)
-        if rest > 0:
-            _sleep(rest)
-        self._last = _perf()
+        if self._nap > 0:
+            _sleep(self._nap)
+        else:
+            _yield()
+        self._napped = True
         return True

@@ -184,15 +184,19 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
     open_rings = list(range(len(event_rings)))
     last_report = time.monotonic_ns()
     sentinels = [parent_sentinel] if parent_sentinel is not None else []
-    napper = Napper(linger_s)
+    # Busy means a nap's worth of reads fills an eighth of the smallest ring: the nap shrinks
+    # so that the ingest never waits on a full ring while this worker sleeps.
+    napper = Napper(linger_s, busy_bytes=min(r.capacity for r in event_rings) // 8)
     while open_rings:
         got = False
+        got_bytes = 0
         for j in open_rings:
             ring = event_rings[j]
             entries = ring.read_available()
             if not entries:
                 continue
             got = True
+            got_bytes += ring.occupancy  # what this pass took (not yet released), for lingering
             parts = assemblers[j]
             # Decode everything (event data is copied out), hand the space back at once, then
             # process: the ingest refills the ring while this worker works.
@@ -234,7 +238,7 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
                     on_end(rec)
             work = rec = None
         if got:
-            napper.worked()
+            napper.worked(got_bytes)
         outputs = core.outputs
         if outputs:
             if any(len(p) > out_max for _, p in outputs):
