@@ -206,3 +206,25 @@ async def test_cancelling_a_pump_releases_the_connection(pump_path):
         await asyncio.sleep(0.05)
         assert client_sockets_to(server.port) == 0
     assert len(sink.datas) == 1
+
+
+async def test_close_from_the_sink_ends_the_pump_and_releases_the_connection(pump_path):
+    async def handler(request, n):
+        # With ids: a drop would be resumed, so only a close that is honoured ends it at once.
+        return await sse(request, chat_events(["x"] * 400, ids=True), delay=0.01)
+
+    async with Tiny(handler) as server, aiohttp.ClientSession() as http:
+        h = HttpStreamHandler(http, chat_request(server), HttpOptions(**FAST))
+        got: list[bytes] = []
+
+        def sink(events, read_ns, nbytes):
+            got.extend(e.data for e in events)
+            if len(got) >= 3:
+                asyncio.get_running_loop().create_task(h.close())  # a consumer done early
+            return True
+
+        await asyncio.wait_for(h.pump(sink, asyncio.sleep), 5)  # ends, never hangs or resumes
+        await asyncio.sleep(0.05)
+        assert client_sockets_to(server.port) == 0
+    assert 3 <= len(got) < 400
+    assert len(server.requests) == 1  # closed by us: not a drop to resume from
