@@ -543,16 +543,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seeds = [ci * 100_000 + i for i in range(cfg.streams)]
             exp = expected_for(cfg, seeds)
             rows: dict[str, Any] = {}
-            for client in clients:
-                runs = []
-                for run in range(args.runs):
+            # Clients take turns run by run (A B A B ...), so the machine's drift over the
+            # minutes of a config falls on every client alike, not on whichever ran last.
+            runs_of: dict[str, list[dict[str, Any]]] = {c: [] for c in clients}
+            for run in range(args.runs):
+                for client in clients:
+                    runs = runs_of[client]
+                    if runs and "failed" in runs[-1]:
+                        continue
                     tag = f"{cfg.name}-{client}-{run}"
                     try:
                         runs.append(run_client(client, mock, cfg, exp, seeds, tag, args.py_spy))
                     except Exception as exc:  # noqa: BLE001 - one client failing must not hide the rest
                         runs.append({"failed": f"{type(exc).__name__}: {exc}"})
-                        break
-                rows[client] = _median_row(runs)
+            for client in clients:
+                rows[client] = _median_row(runs_of[client])
                 r = rows[client]
                 print(f"  {cfg.name} {client}: " + (r["failed"] if "failed" in r else
                       f"{r['tokens_per_s']:,.0f} tok/s, {r['cpu_s_per_1k_events']:.4f} cpu s/1k ev, "
