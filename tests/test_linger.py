@@ -110,3 +110,23 @@ def test_a_pool_gives_the_in_process_results_with_lingering_off_and_long(no_shm_
         got = {r.source_index: r for r in pool.run(Replay(read_capture(c), read_size="event") for c in cases)}
     assert [got[i].text for i in range(len(cases))] == [e.text for e in expected]
     assert [got[i].finish_reason for i in range(len(cases))] == [e.finish_reason for e in expected]
+
+
+async def test_next_tick_wakes_pollers_at_each_tick_and_never_strands_one():
+    loop = asyncio.get_running_loop()
+    linger = LoopLinger(loop, 0.03)
+    assert linger.next_tick().done()  # not ticking: nothing to wait for
+    linger.note()
+    t0 = time.perf_counter()
+    first = linger.next_tick()
+    assert not first.done()
+    await asyncio.wait_for(first, 1.0)  # resolved by the first tick
+    waiting = [linger.next_tick() for _ in range(3)]
+    await asyncio.wait_for(asyncio.gather(*waiting), 1.0)  # all of them, at the next tick
+    assert time.perf_counter() - t0 >= 0.025  # the first tick slept in between
+    for _ in range(5):  # ticking ends after a quiet tick; every poller is released on the way
+        if not linger.active:
+            break
+        await asyncio.wait_for(linger.next_tick(), 1.0)
+    assert not linger.active
+    assert linger.next_tick().done()

@@ -51,7 +51,7 @@ from shm.records import (
     StreamEnd,
     StreamOpen,
 )
-from shm.multiwait import park_producer, space_fd, unpark_producer
+from shm.multiwait import closed_and_drained, park_producer, space_fd, unpark_producer
 from shm.ring import Ring, RingClosedError, RingHandle
 
 from .linger import DEFAULT_TICK_S, LoopLinger
@@ -722,7 +722,7 @@ class Ingest:
             if not entries:
                 ring.release()
                 try:
-                    await ring.wait_readable_async(_LOOP_WAKE_S)
+                    await self._await_ring(ring)
                 except RingClosedError:
                     self._shutdown.set()
                     return
@@ -753,6 +753,18 @@ class Ingest:
             view = None
             ring.release()
 
+    async def _await_ring(self, ring: Ring) -> None:
+        """Until `ring` may have entries: the next tick while the loop lingers (it is awake then
+        anyway: no doorbell from the other side, no wake-up of our own), else its doorbell.
+        RingClosedError when its producer closed it and everything was read."""
+        linger = self.linger
+        if linger is not None and linger.active:
+            if closed_and_drained(ring):
+                raise RingClosedError("the producer closed the ring")
+            await linger.next_tick()
+        else:
+            await ring.wait_readable_async(_LOOP_WAKE_S)
+
     async def _read_controls(self, w: int) -> None:
         ring = self.control_rings[w]
         decode = self.codec.decode
@@ -762,7 +774,7 @@ class Ingest:
             entries = ring.read_available()
             if not entries:
                 ring.release()
-                await ring.wait_readable_async(_LOOP_WAKE_S)
+                await self._await_ring(ring)
                 continue
             for kind, view in entries:
                 rec = decode(kind, view)

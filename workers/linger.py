@@ -45,7 +45,7 @@ class LoopLinger:
     next poll returns every socket that became readable meanwhile. `before_sleep` runs first
     (the ingest hands what it batched to the workers then, so they need not wait for our sleep)."""
 
-    __slots__ = ("_loop", "_tick", "_before_sleep", "_reads", "_active", "_last", "_quiet")
+    __slots__ = ("_loop", "_tick", "_before_sleep", "_reads", "_active", "_last", "_quiet", "_tick_waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tick_s: float = DEFAULT_TICK_S,
                  before_sleep: Callable[[], None] | None = None) -> None:
@@ -56,6 +56,7 @@ class LoopLinger:
         self._active = False
         self._last = 0.0
         self._quiet = 0
+        self._tick_waiters: list[asyncio.Future] = []
 
     @property
     def active(self) -> bool:
@@ -71,7 +72,25 @@ class LoopLinger:
             self._last = _perf()
             self._loop.call_soon(self._on_tick)
 
+    def next_tick(self) -> asyncio.Future:
+        """A future done at the next tick (or when ticking ends): coroutines that poll a ring
+        while the loop is ticking look once per tick, costing no wake-up of their own."""
+        fut = self._loop.create_future()
+        if self._active:
+            self._tick_waiters.append(fut)
+        else:
+            fut.set_result(None)  # no tick is coming: look now (and then wait another way)
+        return fut
+
+    def _release_waiters(self) -> None:
+        waiters, self._tick_waiters = self._tick_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
     def _on_tick(self) -> None:
+        if self._tick_waiters:
+            self._release_waiters()
         if self._reads:
             self._reads = 0
             self._quiet = 0
