@@ -8,7 +8,6 @@ and an idle consumer uses no CPU.
 
 from __future__ import annotations
 
-import os
 import select
 import time
 from collections.abc import Sequence
@@ -17,8 +16,6 @@ from .ring import _I_CWAIT, _I_TAIL, _IDLE_RECHECK_S, _RECHECK_S, Ring, _fence
 
 _RECHECK_MS = max(1, int(_RECHECK_S * 1000))
 _IDLE_RECHECK_MS = int(_IDLE_RECHECK_S * 1000)
-_monotonic_ns = time.monotonic_ns
-_sched_yield = getattr(os, "sched_yield", lambda: None)
 
 
 def any_readable(rings: Sequence[Ring]) -> bool:
@@ -29,32 +26,14 @@ def any_readable(rings: Sequence[Ring]) -> bool:
     return False
 
 
-def spin_until_readable(rings: Sequence[Ring], budget_ns: int) -> bool:
-    """Poll the rings' tails for up to budget_ns (yielding the core between polls); True as soon
-    as one is readable."""
-    end = _monotonic_ns() + budget_ns
-    while True:
-        for _ in range(8):
-            if any_readable(rings):
-                return True
-        if _monotonic_ns() >= end:
-            return False
-        # A runnable producer may be queued behind us on an oversubscribed machine.
-        _sched_yield()
-
-
-def wait_any(rings: Sequence[Ring], timeout: float | None, sentinels: Sequence[int] = (),
-             spin_ns: int = 0) -> list[int]:
+def wait_any(rings: Sequence[Ring], timeout: float | None, sentinels: Sequence[int] = ()) -> list[int]:
     """Sleep until a ring becomes readable or a sentinel fd becomes readable, or `timeout`
     seconds pass. Returns the sentinels that fired (empty when a ring woke us or on timeout).
 
-    With `spin_ns`, first poll the tails that long (no system call when data comes soon). A
-    parked wait re-checks the tails after 1 ms even if no doorbell rang: a producer's unfenced
+    A parked wait re-checks the tails after 1 ms even if no doorbell rang: a producer's unfenced
     publish can miss our waiting flag (shm/ring.py, "Parking"); such wake-ups are counted in the
     rings' `late_wakeups`."""
     if any_readable(rings):
-        return []
-    if spin_ns and spin_until_readable(rings, spin_ns):
         return []
     poller = select.poll()
     bells = {}

@@ -30,7 +30,6 @@ from shm.records import (
 from shm.ring import Ring, RingClosedError, RingHandle
 
 from .linger import DEFAULT_TICK_S, Napper
-
 from .protocol import (
     FINAL_SEQ,
     KIND_PART,
@@ -258,9 +257,9 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
                 ctl.clear()
         if not got:
             waiting = [event_rings[j] for j in open_rings]
-            # Linger before parking (workers/linger.py): sleep out the rest of the tick, so a
-            # trickle of reads gathers into one pass and one wake-up, and the ingest needs no
-            # doorbell meanwhile (our waiting flag is not set). Park after a whole quiet tick.
+            # Linger before parking (workers/linger.py): nap, so a trickle of reads gathers into
+            # one pass and one wake-up, and the ingest needs no doorbell meanwhile (our waiting
+            # flag is not set). Park once two ticks went by with nothing.
             if napper.nap():
                 continue  # a pass over what came meanwhile (an empty one naps again)
             try:
