@@ -1,18 +1,19 @@
 """Fewer wake-ups: a process that is woken for every read pays the kernel's sleep/wake cycle for
-every read, and that cycle, not our Python, is the largest cost of a trickle of small reads.
+every read, and at a trickle of small reads that cycle, not our Python, is the largest cost.
 
 Measured on the 2-core KVM machine this project is benchmarked on, one sleep-and-wake cycle costs
 a process 24-35 us of CPU (`time.sleep(0.001)` in a loop: ~30 us of CPU per iteration), several
 times what a one-event read costs us to parse. So while reads keep coming, the ingest's event loop
-and the workers take them in ticks: after a pass that found work, they sleep out the rest of the
-tick (never longer, and not at all when the pass itself took the whole tick), and the next pass
-takes everything that arrived meanwhile with one wake-up. A whole tick with nothing (two passes
-in a row: the reads of a pass often land just after it) ends the ticking: the process then blocks
-until the next read wakes it, so an idle pool costs nothing.
+and the workers take them in ticks. The ingest, after a pass that found reads, sleeps out the rest
+of the tick (not at all when the pass itself took the whole tick); a worker that finds its rings
+empty naps (a tick, less when reads pile up during its naps, see Napper). The next pass takes
+everything that arrived meanwhile with one wake-up. Two ticks with nothing (the reads of a tick
+often land just after it) end the lingering: the process then blocks until the next read wakes
+it, so an idle pool costs nothing.
 
-The price is latency: a read waits at most one tick (plus the kernel's timer slack, ~50 us) in
-each lingering process. `DEFAULT_TICK_S` keeps that well inside the live benchmark's 5 ms
-budget; `pool(..., linger_ms=0)` turns lingering off for the lowest latency at any CPU cost.
+The price is latency: a read waits at most about one tick (plus the kernel's timer slack,
+~50 us) in each lingering process. `DEFAULT_TICK_S` keeps that well inside the live benchmark's
+5 ms budget; `pool(..., linger_ms=0)` turns lingering off for the lowest latency at any CPU cost.
 """
 
 from __future__ import annotations
