@@ -29,7 +29,7 @@ from shm.records import (
 )
 from shm.ring import Ring, RingClosedError, RingHandle
 
-from .linger import DEFAULT_TICK_S, Napper
+from .linger import DEFAULT_TICK_S, BusyWindow
 from .protocol import (
     FINAL_SEQ,
     KIND_PART,
@@ -150,7 +150,6 @@ def worker_main(
     control_handles: list[RingHandle],
     output_handle: RingHandle,
     owner_pid: int,
-    linger_s: float = DEFAULT_TICK_S,
 ) -> None:
     """Process entry point of worker `index` of the pool owned by process `owner_pid`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides when we stop
@@ -163,14 +162,14 @@ def worker_main(
     output_ring = Ring.attach(output_handle)
     tune_gc()
     try:
-        _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, linger_s)
+        _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel)
     finally:
         for ring in event_rings + control_rings + [output_ring]:
             ring.close()
         os.close(parent_sentinel)
 
 
-def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, linger_s: float) -> None:
+def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) -> None:
     core = WorkerCore(pipeline, len(event_rings))
     codec = RecordCodec()
     decode = codec.decode
@@ -183,9 +182,8 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
     open_rings = list(range(len(event_rings)))
     last_report = time.monotonic_ns()
     sentinels = [parent_sentinel] if parent_sentinel is not None else []
-    # Busy means a nap's worth of reads fills an eighth of the smallest ring: the nap shrinks
-    # so that the ingest never waits on a full ring while this worker sleeps.
-    napper = Napper(linger_s, busy_bytes=min(r.capacity for r in event_rings) // 8)
+    # Busy: a pass took more than an eighth of the smallest ring.
+    window = BusyWindow(DEFAULT_TICK_S, busy_bytes=min(r.capacity for r in event_rings) // 8)
     while open_rings:
         got = False
         got_bytes = 0
@@ -195,7 +193,7 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
             if not entries:
                 continue
             got = True
-            got_bytes += ring.occupancy  # what this pass took (not yet released), for lingering
+            got_bytes += ring.occupancy  # what this pass took (not yet released), see BusyWindow
             parts = assemblers[j]
             # Decode everything (event data is copied out), hand the space back at once, then
             # process: the ingest refills the ring while this worker works.
@@ -237,7 +235,7 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
                     on_end(rec)
             work = rec = None
         if got:
-            napper.worked(got_bytes)
+            window.worked(got_bytes)
         outputs = core.outputs
         if outputs:
             if any(len(p) > out_max for _, p in outputs):
@@ -257,11 +255,11 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
                 ctl.clear()
         if not got:
             waiting = [event_rings[j] for j in open_rings]
-            # Linger before parking (workers/linger.py): nap, so a trickle of reads gathers into
-            # one pass and one wake-up, and the ingest needs no doorbell meanwhile (our waiting
-            # flag is not set). Park once two ticks went by with nothing.
-            if napper.nap():
-                continue  # a pass over what came meanwhile (an empty one naps again)
+            # Reads pouring in: the next batch is microseconds away, look again (yielding the
+            # core) rather than pay a park, a doorbell and a wake-up. Otherwise park at once:
+            # the ingest lingers, so it wakes us at most once per tick (workers/linger.py).
+            if window.again():
+                continue
             try:
                 fired = wait_any(waiting, 1.0, sentinels)
             except RingClosedError:
