@@ -11,7 +11,7 @@ import pytest
 from conftest import PROVIDER_FIXTURES, provider_manifest, read_capture
 from pipeline import PipelineBuilder
 from pipeline.sources import Replay
-from workers.linger import BusyWindow, LoopLinger
+from workers.linger import LoopLinger, Napper
 
 
 async def test_the_loop_lingers_while_reads_come_and_stops_after_a_quiet_tick():
@@ -56,19 +56,39 @@ async def test_lingering_off_never_ticks():
     assert not linger.active
 
 
-def test_a_worker_looks_again_for_a_tick_after_a_busy_pass_and_parks_at_once_after_a_light_one():
-    window = BusyWindow(0.05, busy_bytes=1000)
-    assert window.again() is False  # nothing seen yet: park
-    window.worked(10)
-    assert window.again() is False  # a light pass: park at once (the ingest wakes us per tick)
-    window.worked(5000)  # reads pour in
+def test_a_napper_lingers_after_work_and_says_park_after_two_quiet_ticks():
+    assert Napper(0.0).nap() is False  # off: park at once
+    napper = Napper(0.05)
+    assert napper.nap() is False  # no work seen yet: nothing to linger for
+    napper.worked()
     t0 = time.perf_counter()
-    looks = 0
-    while window.again():
-        looks += 1
-    elapsed = time.perf_counter() - t0
-    assert looks > 10 and 0.04 <= elapsed < 0.5  # looked again for about a tick, never slept it
-    assert window.again() is False
+    assert napper.nap() is True  # sleeps a tick
+    assert 0.04 <= time.perf_counter() - t0 < 0.5
+    assert napper.nap() is True  # reads often land just after a pass: one more
+    assert napper.nap() is False  # two ticks with nothing: park
+    napper.worked()
+    assert napper.nap() is True  # work again: lingering again
+
+
+def test_a_napper_naps_less_when_reads_pile_up_during_its_naps_and_more_when_they_do_not():
+    napper = Napper(0.04, busy_bytes=1000)
+    napper.worked(0)
+    sizes = []
+    for _ in range(12):  # every nap is followed by a pass that takes more than busy_bytes
+        assert napper.nap() is True
+        napper.worked(5000)
+        sizes.append(napper.nap_s)
+    assert sizes[0] == 0.02 and sizes == sorted(sizes, reverse=True) and sizes[-1] == 0.0
+    t0 = time.perf_counter()
+    assert napper.nap() is True  # busy: yields the core, does not sleep
+    assert time.perf_counter() - t0 < 0.01
+    napper.worked(10)  # little came: the nap grows back, up to the tick
+    grown = []
+    for _ in range(12):
+        assert napper.nap() is True
+        napper.worked(10)
+        grown.append(napper.nap_s)
+    assert grown == sorted(grown) and grown[-1] == 0.04
 
 
 def test_linger_ms_is_checked():

@@ -3,17 +3,17 @@ every read, and at a trickle of small reads that cycle, not our Python, is the l
 
 Measured on the 2-core KVM machine this project is benchmarked on, one sleep-and-wake cycle costs
 a process 24-35 us of CPU (`time.sleep(0.001)` in a loop: ~30 us of CPU per iteration), several
-times what a one-event read costs us to parse. So while HTTP reads keep coming, the ingest's event
-loop takes them in ticks: after a pass that found reads it hands its batches to the workers and
-sleeps out the rest of the tick (not at all when the pass itself took the whole tick), and its
-next poll takes every socket that became readable meanwhile, with one wake-up. Two ticks with
-nothing (the reads of a tick often land just after it) end the ticking: the loop then blocks
-until the next read wakes it, so an idle pool costs nothing. The workers follow: the ingest's
-flushes wake them at most once per tick, and they do not linger themselves (BusyWindow).
+times what a one-event read costs us to parse. So while reads keep coming, the ingest's event loop
+and the workers take them in ticks. The ingest, after a pass that found reads, sleeps out the rest
+of the tick (not at all when the pass itself took the whole tick); a worker that finds its rings
+empty naps (a tick, less when reads pile up during its naps, see Napper). The next pass takes
+everything that arrived meanwhile with one wake-up. Two ticks with nothing (the reads of a tick
+often land just after it) end the lingering: the process then blocks until the next read wakes
+it, so an idle pool costs nothing.
 
-The price is latency: a read waits at most one tick (plus the kernel's timer slack, ~50 us) in
-the ingest. `DEFAULT_TICK_S` keeps that well inside the live benchmark's 5 ms budget;
-`pool(..., linger_ms=0)` turns lingering off for the lowest latency at any CPU cost.
+The price is latency: a read waits at most about one tick (plus the kernel's timer slack,
+~50 us) in each lingering process. `DEFAULT_TICK_S` keeps that well inside the live benchmark's
+5 ms budget; `pool(..., linger_ms=0)` turns lingering off for the lowest latency at any CPU cost.
 """
 
 from __future__ import annotations
@@ -23,12 +23,15 @@ import os
 import time
 from typing import Callable
 
-__all__ = ["DEFAULT_TICK_S", "QUIET_PASSES", "BusyWindow", "LoopLinger"]
+__all__ = ["DEFAULT_TICK_S", "QUIET_PASSES", "LoopLinger", "Napper"]
 
 DEFAULT_TICK_S = 0.001
 # Ticks without a read after which a process stops lingering and blocks (or parks): the reads of
 # a tick often land just after it, so one empty pass is not yet quiet.
 QUIET_PASSES = 2
+
+# The shortest nap worth a sleep: below it a sleep's wake-up costs more than the wait saves.
+_MIN_NAP_S = 0.00005
 
 _perf = time.perf_counter
 _sleep = time.sleep
@@ -106,28 +109,46 @@ class LoopLinger:
         self._loop.call_soon(self._on_tick)
 
 
-class BusyWindow:
-    """When a worker's rings run empty: after a busy pass (more than `busy_bytes` taken: reads
-    pour in) it looks again, yielding the core, for up to a tick before parking, since the next
-    batch is microseconds away and a park costs a doorbell and a wake-up; after a light pass it
-    parks at once. A worker does not sleep-linger: the ingest already hands it reads at most once
-    per tick, and a nap only added latency (measured: p50 +0.6 ms at 30k tok/s, no CPU saved)."""
+class Napper:
+    """The same for a blocking consumer loop (a worker): when a pass finds nothing, `nap()` sleeps
+    and the caller makes another pass; once nothing has come for two ticks it returns False and
+    the caller parks. The nap adapts to the traffic: when the pass after a nap takes more than
+    `busy_bytes` (reads pile up while it sleeps, and a producer could meet a full ring) the nap
+    halves, down to yielding the core without sleeping; when it takes little, the nap doubles,
+    up to the tick."""
 
-    __slots__ = ("_tick", "_busy", "_until")
+    __slots__ = ("_tick", "_busy", "_nap", "_last_work", "_napped")
 
     def __init__(self, tick_s: float = DEFAULT_TICK_S, busy_bytes: int = 1 << 15) -> None:
         self._tick = tick_s
         self._busy = busy_bytes
-        self._until = float("-inf")
+        self._nap = tick_s
+        self._last_work = float("-inf")  # nothing seen yet: park at once
+        self._napped = False
 
-    def worked(self, nbytes: int) -> None:
-        """The last pass took `nbytes`."""
-        if nbytes > self._busy:
-            self._until = _perf() + self._tick
+    @property
+    def nap_s(self) -> float:
+        """The current nap length (0: yield the core, do not sleep)."""
+        return self._nap
 
-    def again(self) -> bool:
-        """After an empty pass: True to look again (the core was yielded first), False to park."""
-        if _perf() < self._until:
+    def worked(self, nbytes: int = 0) -> None:
+        """The last pass found work: `nbytes` of it."""
+        self._last_work = _perf()
+        if self._napped:
+            self._napped = False
+            if nbytes > self._busy:
+                self._nap = self._nap / 2 if self._nap >= 2 * _MIN_NAP_S else 0.0
+            else:
+                self._nap = min(max(self._nap * 2, _MIN_NAP_S), self._tick)
+
+    def nap(self) -> bool:
+        """After an empty pass: nap and return True (make another pass), or return False when it
+        is time to park (lingering off, or nothing for `QUIET_PASSES` ticks)."""
+        if self._tick <= 0 or _perf() - self._last_work >= QUIET_PASSES * self._tick:
+            return False
+        if self._nap > 0:
+            _sleep(self._nap)
+        else:
             _yield()
-            return True
-        return False
+        self._napped = True
+        return True

@@ -200,7 +200,7 @@ class Pool:
             raise ValueError("concurrency must be >= 1")
         if not 0 <= linger_ms <= 100:
             raise ValueError("linger_ms must be between 0 and 100")
-        # Most a read may wait in the lingering ingest while reads trickle in (see
+        # Most a read may wait in a lingering ingest or worker while reads trickle in (see
         # workers/linger.py); 0 turns lingering off.
         self.linger_s = linger_ms / 1000.0
         self.pipeline = pipeline
@@ -288,6 +288,7 @@ class Pool:
                 [self._controls[j][k].handle() for j in range(self.ingest)],
                 self._outputs[k].handle(),
                 os.getpid(),
+                self.linger_s,
             ),
             daemon=True,
         )

@@ -29,7 +29,7 @@ from shm.records import (
 )
 from shm.ring import Ring, RingClosedError, RingHandle
 
-from .linger import DEFAULT_TICK_S, BusyWindow
+from .linger import DEFAULT_TICK_S, Napper
 from .protocol import (
     FINAL_SEQ,
     KIND_PART,
@@ -150,6 +150,7 @@ def worker_main(
     control_handles: list[RingHandle],
     output_handle: RingHandle,
     owner_pid: int,
+    linger_s: float = DEFAULT_TICK_S,
 ) -> None:
     """Process entry point of worker `index` of the pool owned by process `owner_pid`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides when we stop
@@ -162,14 +163,14 @@ def worker_main(
     output_ring = Ring.attach(output_handle)
     tune_gc()
     try:
-        _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel)
+        _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, linger_s)
     finally:
         for ring in event_rings + control_rings + [output_ring]:
             ring.close()
         os.close(parent_sentinel)
 
 
-def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) -> None:
+def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, linger_s: float) -> None:
     core = WorkerCore(pipeline, len(event_rings))
     codec = RecordCodec()
     decode = codec.decode
@@ -182,8 +183,9 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
     open_rings = list(range(len(event_rings)))
     last_report = time.monotonic_ns()
     sentinels = [parent_sentinel] if parent_sentinel is not None else []
-    # Busy: a pass took more than an eighth of the smallest ring.
-    window = BusyWindow(DEFAULT_TICK_S, busy_bytes=min(r.capacity for r in event_rings) // 8)
+    # Busy means a nap's worth of reads fills an eighth of the smallest ring: the nap shrinks
+    # so that the ingest never waits on a full ring while this worker sleeps.
+    napper = Napper(linger_s, busy_bytes=min(r.capacity for r in event_rings) // 8)
     while open_rings:
         got = False
         got_bytes = 0
@@ -193,7 +195,7 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
             if not entries:
                 continue
             got = True
-            got_bytes += ring.occupancy  # what this pass took (not yet released), see BusyWindow
+            got_bytes += ring.occupancy  # what this pass took (not yet released), for lingering
             parts = assemblers[j]
             # Decode everything (event data is copied out), hand the space back at once, then
             # process: the ingest refills the ring while this worker works.
@@ -235,7 +237,7 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
                     on_end(rec)
             work = rec = None
         if got:
-            window.worked(got_bytes)
+            napper.worked(got_bytes)
         outputs = core.outputs
         if outputs:
             if any(len(p) > out_max for _, p in outputs):
@@ -255,11 +257,11 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel) ->
                 ctl.clear()
         if not got:
             waiting = [event_rings[j] for j in open_rings]
-            # Reads pouring in: the next batch is microseconds away, look again (yielding the
-            # core) rather than pay a park, a doorbell and a wake-up. Otherwise park at once:
-            # the ingest lingers, so it wakes us at most once per tick (workers/linger.py).
-            if window.again():
-                continue
+            # Linger before parking (workers/linger.py): nap, so a trickle of reads gathers into
+            # one pass and one wake-up, and the ingest needs no doorbell meanwhile (our waiting
+            # flag is not set). Park once two ticks went by with nothing.
+            if napper.nap():
+                continue  # a pass over what came meanwhile (an empty one naps again)
             try:
                 fired = wait_any(waiting, 1.0, sentinels)
             except RingClosedError:
