@@ -1,0 +1,161 @@
+"""Instructions per event of our hot paths, counted by valgrind's callgrind: repeatable to a
+fraction of a percent whatever else the machine is doing, where timings on the shared 2-core
+machine drift by 15% from run to run. For judging a change to a hot path before (and besides)
+timing it with `python -m bench`.
+
+    python tools/instructions.py [--what worker session parser] [--events N]
+
+Each case runs twice under `valgrind --tool=callgrind`: once building its inputs only, once
+building them and processing them; the difference over the number of events is the cost per
+event (imports and set-up cancel out). Cases:
+
+- worker:  a pool worker's core (WorkerCore.on_events on decoded KIND_SSE_LIST entries), 1,000
+           OpenAI chat streams, one event per read: the shape of bench.e2e (b).
+- session: StreamSession.process_events in reads of 64 events: the shape of bench.e2e (a).
+- parser:  SseParser.feed, one event per read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASES = ("worker", "session", "parser")
+STREAMS = 1000  # worker case: streams read round-robin, one event each per round
+
+
+def _events(n: int) -> list:
+    from bench._data import make_stream
+    from pipeline.sse import SseParser
+
+    data = make_stream("openai", (n + 8) * 225, seed=1)
+    events = [e for e in SseParser().feed(data) if e.data != b"[DONE]"]
+    return events[1 : n + 1]  # the role chunk aside: one content token per event
+
+
+def _worker_case(n: int) -> Callable[[], None]:
+    import msgspec
+
+    from pipeline import PipelineBuilder
+    from workers.protocol import SseBatch, StreamOptions, join_batches, options_encoder, sse_list_decoder
+    from workers.worker import WorkerCore
+
+    rounds = max(1, n // STREAMS)
+    events = _events(rounds)
+    pipe = PipelineBuilder().provider("openai-chat").build()
+    pipe.registry = None  # as in a pool worker
+    core = WorkerCore(pipe, 1)
+    options = msgspec.Raw(options_encoder.encode(StreamOptions(0, False, 0, "openai-chat")))
+
+    class _Open:  # the fields WorkerCore.on_open reads
+        def __init__(self, sid: int) -> None:
+            self.stream_id, self.options, self.dialect = sid, options, "openai-chat"
+
+    for sid in range(STREAMS):
+        core.on_open(_Open(sid), 0)
+    encode = msgspec.msgpack.Encoder().encode
+    entries = []  # ~32 KiB KIND_SSE_LIST entries, as the ingest joins them
+    for r in range(rounds):
+        run, size = [], 0
+        for sid in range(STREAMS):
+            payload = encode(SseBatch(sid, r, 1000 + r, [events[r]], 225))
+            if size + len(payload) > 32 * 1024:
+                entries.append(join_batches(run))
+                run, size = [], 0
+            run.append(payload)
+            size += len(payload)
+        entries.append(join_batches(run))
+
+    def process() -> None:
+        for entry in entries:
+            for rec in sse_list_decoder.decode(entry):
+                core.on_events(rec)
+            core.outputs.clear()
+
+    process.core = core  # type: ignore[attr-defined]  # for the harness's own test
+    return process
+
+
+def _session_case(n: int) -> Callable[[], None]:
+    from pipeline import PipelineBuilder
+
+    events = _events(n)
+    reads = [events[i : i + 64] for i in range(0, len(events), 64)]
+    session = PipelineBuilder().provider("openai-chat").build().open_stream(1, "openai-chat")
+
+    def process() -> None:
+        for i, read in enumerate(reads):
+            session.process_events(read, 1000 + i, 16384)
+
+    return process
+
+
+def _parser_case(n: int) -> Callable[[], None]:
+    from bench._data import make_stream, split_events
+    from pipeline.sse import SseParser
+
+    reads = split_events(make_stream("openai", (n + 8) * 225, seed=1))[:n]
+    parser = SseParser()
+
+    def process() -> None:
+        feed = parser.feed
+        for read in reads:
+            feed(read)
+
+    return process
+
+
+def events_of(what: str, n: int) -> int:
+    """How many events case `what` processes when asked for about `n`."""
+    return max(1, n // STREAMS) * STREAMS if what == "worker" else n
+
+
+def child(what: str, n: int, process: bool) -> None:
+    """Build case `what`'s inputs and, when `process`, run it (the part callgrind counts)."""
+    build = {"worker": _worker_case, "session": _session_case, "parser": _parser_case}[what]
+    run = build(n)
+    if process:
+        run()
+
+
+def count(what: str, n: int, process: bool) -> int:
+    """Instructions callgrind counts for one child run."""
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+           "--child", what, str(n), "1" if process else "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = re.search(r"Collected\s*:\s*([\d,]+)", proc.stderr)
+    if proc.returncode != 0 or found is None:
+        raise RuntimeError(f"valgrind failed for {what}: {proc.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--what", nargs="*", choices=CASES, default=list(CASES))
+    ap.add_argument("--events", type=int, default=10_000, help="events per case (default 10,000)")
+    ap.add_argument("--child", nargs=3, metavar=("CASE", "N", "PROCESS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        what, n, process = args.child
+        child(what, int(n), process == "1")
+        return 0
+    if shutil.which("valgrind") is None:
+        print("valgrind not found (Debian: apt install valgrind)", file=sys.stderr)
+        return 2
+    for what in args.what:
+        n = events_of(what, args.events)
+        full, setup = count(what, args.events, True), count(what, args.events, False)
+        print(f"{what:8s} {(full - setup) / n:10,.0f} instructions per event ({n:,} events)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
