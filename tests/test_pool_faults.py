@@ -320,3 +320,36 @@ def test_api_key_never_appears_in_logs_errors_or_results(mock, tmp_path):
     assert "connect" in proc.stdout  # the connect errors were reached
     assert canary not in out
     assert canary[3:] not in out
+
+
+# --- a worker that ends a stream early ------------------------------------------------------------
+
+
+def test_a_stop_sequence_in_a_worker_closes_that_streams_connection_at_once(mock, no_shm_leak):
+    from pipeline import StopSequence
+
+    tag = f"stop-{os.getpid()}"
+    tokens, tps = 600, 100  # ~6 s of paced text if nobody stopped it
+    expected = _expected(f"{tag}-long", tokens).text
+    stop = expected[40:52]  # a stop string that appears early in the text (from the mock's plan)
+    before = expected[: expected.index(stop)]
+    pipe = PipelineBuilder().provider("openai-chat").add_transformer(StopSequence([stop])).build()
+    t0 = time.monotonic()
+    with pipe.pool(workers=1) as pool:
+        results = list(pool.run([_request(mock, f"{tag}-long", tokens=tokens, tps=tps),
+                                 _request(mock, f"{tag}-other", tokens=30)]))
+        elapsed = time.monotonic() - t0
+        # With the pool still up (its shutdown would close every connection anyway): the ingest
+        # closed that stream's connection, so the mock saw the client go long before its end.
+        deadline = time.monotonic() + 2.0
+        log = mock.stream_log(f"{tag}-long")
+        while log.status == "open" and time.monotonic() < deadline:
+            time.sleep(0.05)
+            log = mock.stream_log(f"{tag}-long")
+        assert log.status == "client_closed"
+        assert log.events_sent < tokens // 2
+    by_key = {r.custom_id: r for r in results}
+    stopped, other = by_key[f"{tag}-long"], by_key[f"{tag}-other"]
+    assert stopped.error is None and stopped.text == before and stopped.finish_reason == "stop"
+    assert other.error is None and other.text == _expected(f"{tag}-other", 30).text
+    assert elapsed < 4.0  # not the ~6 s the paced stream would take to the end

@@ -97,8 +97,14 @@ class WorkerCore:
         delay = time.monotonic_ns() - read_ns
         if delay > self.max_delay_ns:
             self.max_delay_ns = delay
-        tokens = st.session.process_events(rec.events, read_ns, rec.nbytes)
-        self._emit(rec.stream_id, st, tokens, read_ns)
+        session = st.session
+        tokens = session.process_events(rec.events, read_ns, rec.nbytes)
+        # _emit inlined: this is the per-read path.
+        if tokens and st.want_tokens:
+            self.outputs.append((KIND_OUTPUT, self._encode(TokensOut(rec.stream_id, st.out_seq, OUT_TOKENS, tokens, read_ns))))
+            st.out_seq += 1
+        if session.finished:
+            self._finish(rec.stream_id, st)
 
     def on_end(self, rec) -> None:
         sid = rec.stream_id
@@ -128,19 +134,22 @@ class WorkerCore:
         if tokens and st.want_tokens:
             self.outputs.append((KIND_OUTPUT, self._encode(TokensOut(sid, st.out_seq, OUT_TOKENS, tokens, read_ns))))
             st.out_seq += 1
-        session = st.session
-        if session.finished:
-            result = session.result
-            self.outputs.append((KIND_OUTPUT, self._encode(ResultOut(sid, st.out_seq, OUT_RESULT, result))))
-            del self.streams[sid]
-            # Tells the ingest the stream is done here: it stops reading (a stop sequence fired
-            # early) and drops the stream's replay log.
-            controls = self.controls[st.ingest]
-            controls.append(Control(OP_STOP, sid))
-            if self._report_tokens and result.usage is not None and result.usage.output_tokens:
-                controls.append(Control(OP_TOKENS_USED, int(result.usage.output_tokens)))
-        elif session.stop_requested:
-            self.controls[st.ingest].append(Control(OP_STOP, sid))
+        if st.session.finished:
+            self._finish(sid, st)
+        # (A transformer that ends the stream early sets stop_requested and ends the chain, and
+        # the session finishes in the same call: the OP_STOP below covers it.)
+
+    def _finish(self, sid: int, st: _Stream) -> None:
+        """The stream's result goes out and the ingest hears that the stream is done here."""
+        result = st.session.result
+        self.outputs.append((KIND_OUTPUT, self._encode(ResultOut(sid, st.out_seq, OUT_RESULT, result))))
+        del self.streams[sid]
+        # Tells the ingest the stream is done here: it stops reading (a stop sequence fired
+        # early) and drops the stream's replay log.
+        controls = self.controls[st.ingest]
+        controls.append(Control(OP_STOP, sid))
+        if self._report_tokens and result.usage is not None and result.usage.output_tokens:
+            controls.append(Control(OP_TOKENS_USED, int(result.usage.output_tokens)))
 
 
 def worker_main(
