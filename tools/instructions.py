@@ -18,6 +18,7 @@ event (imports and set-up cancel out). Cases:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -130,7 +131,9 @@ def count(what: str, n: int, process: bool) -> int:
     """Instructions callgrind counts for one child run."""
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
            "--child", what, str(n), "1" if process else "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # A fixed hash seed: str hashes (dict and set layouts) otherwise vary the count run to run.
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = re.search(r"Collected\s*:\s*([\d,]+)", proc.stderr)
     if proc.returncode != 0 or found is None:
         raise RuntimeError(f"valgrind failed for {what}: {proc.stderr[-2000:]}")
