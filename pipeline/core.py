@@ -63,6 +63,14 @@ class _UsageEstimator(StreamTransformer):
         return PASS
 
 
+def _adapter_error(exc: Exception) -> Error:
+    """The Error token for an exception out of an adapter: its own typed error, or `malformed`
+    for bad input the adapter did not anticipate (this stream only, either way)."""
+    if isinstance(exc, StreamError):
+        return Error.from_exception(exc)
+    return Error.of("malformed", f"{type(exc).__name__}: {exc}")
+
+
 class StreamSession:
     """One stream's state: bytes or parsed events in, StreamTokens out, a StreamResult at the end."""
 
@@ -137,7 +145,11 @@ class StreamSession:
         self._metrics.on_chunk(nbytes, read_ns)
         if not events:
             return []
-        return self._run(events, read_ns, None)
+        try:  # _run and _adapter_feed inlined: a pool worker's per-read path
+            tokens = self._adapter.feed(events)
+        except Exception as exc:
+            tokens = [_adapter_error(exc)]
+        return self._after_adapter(tokens, read_ns)
 
     def fail(self, error: Error, read_ns: int | None = None) -> list[StreamToken]:
         """End the stream with an error from outside the bytes (HTTP status, timeout, cancel)."""
@@ -173,10 +185,8 @@ class StreamSession:
     def _adapter_feed(self, events: list[SseEvent]) -> list[StreamToken]:
         try:
             return self._adapter.feed(events)
-        except StreamError as exc:
-            return [Error.from_exception(exc)]
-        except Exception as exc:  # bad input the adapter did not anticipate: this stream only
-            return [Error.of("malformed", f"{type(exc).__name__}: {exc}")]
+        except Exception as exc:
+            return [_adapter_error(exc)]
 
     def _run(self, events: list[SseEvent], read_ns: int, error: Error | None) -> list[StreamToken]:
         tokens = self._adapter_feed(events) if events else []

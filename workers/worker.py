@@ -76,6 +76,7 @@ class WorkerCore:
         self.controls: list[list[Control]] = [[] for _ in range(ingest_count)]
         self._encode = msgspec.msgpack.Encoder().encode
         self.max_delay_ns = 0
+        self.pass_ns = 0  # monotonic ns when the current pass over the rings began (set by _loop)
         # Only a tokens-per-minute limit needs each stream's token count back in the ingest.
         self._report_tokens = bool((pipeline.http_options or {}).get("tpm"))
 
@@ -94,7 +95,7 @@ class WorkerCore:
             return  # never opened here (it will be replayed) or already processed
         st.next_seq += 1
         read_ns = rec.read_time_ns
-        delay = time.monotonic_ns() - read_ns
+        delay = self.pass_ns - read_ns  # queue delay: from the read to the pass that took it
         if delay > self.max_delay_ns:
             self.max_delay_ns = delay
         session = st.session
@@ -239,6 +240,7 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
                     add(decode(kind, payload))
             entries = view = payload = None  # no view into the ring may outlive release()
             ring.release()
+            core.pass_ns = time.monotonic_ns()
             for rec in work:
                 if type(rec) is SseBatch:
                     on_events(rec)
