@@ -61,7 +61,7 @@ class LoopLinger:
 
     @property
     def active(self) -> bool:
-        """True while the loop is ticking (reads came in the last tick)."""
+        """True while the loop is ticking: from a read until two ticks in a row bring none."""
         return self._active
 
     def note(self) -> None:
