@@ -79,6 +79,7 @@ class StreamSession:
         "dialect",
         "_clock_ns",
         "_parser",
+        "_max_event_bytes",
         "_adapter",
         "_decoder",
         "_chain",
@@ -94,7 +95,10 @@ class StreamSession:
         self.stream_id = stream_id
         self.dialect = dialect or pipeline.dialect
         self._clock_ns = pipeline.clock_ns
-        self._parser = SseParser(max_event_bytes=pipeline.max_event_bytes)
+        # Made at the first process_chunk: a pool worker gets parsed events and never needs one
+        # (thousands of sessions at once; each parser is two objects per stream).
+        self._parser: SseParser | None = None
+        self._max_event_bytes = pipeline.max_event_bytes
         self._adapter = get_adapter(self.dialect)()
         self._decoder = None
         if pipeline.decoder_options is not None:
@@ -129,8 +133,11 @@ class StreamSession:
         if read_ns is None:
             read_ns = self._clock_ns()
         self._metrics.on_chunk(len(data), read_ns)
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = SseParser(max_event_bytes=self._max_event_bytes)
         try:
-            events = self._parser.feed(data)
+            events = parser.feed(data)
         except StreamError as exc:
             received = exc.received if isinstance(exc.received, list) else []
             return self._run(received, read_ns, Error.from_exception(exc))
@@ -165,9 +172,10 @@ class StreamSession:
             return []
         if read_ns is None:
             read_ns = self._clock_ns()
-        tail_events = self._parser.close()
+        parser = self._parser
+        tail_events = parser.close() if parser is not None else []
         if discarded_tail is None:
-            discarded_tail = self._parser.discarded_tail
+            discarded_tail = parser is not None and parser.discarded_tail
         tokens = self._adapter_feed(tail_events) if tail_events else []
         if not self._adapter.finished:
             try:
@@ -247,7 +255,7 @@ class StreamSession:
         if self._registry is not None and snapshot is not None:
             self._registry.record(snapshot, result)
         # Drop per-stream state now: a pool keeps thousands of sessions alive at once.
-        self._parser = None  # type: ignore[assignment]
+        self._parser = None
         self._decoder = None
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import time
+import weakref
 from pathlib import Path
 from typing import AsyncIterator, Iterator, Literal, Union
 
@@ -52,7 +53,7 @@ class Recording:
     """One recorded body: `data` (the bytes) and `reads`, a list of `(end_offset, t_ns)` per read
     with `t_ns` relative to the first read (empty when no timing was recorded)."""
 
-    __slots__ = ("data", "reads")
+    __slots__ = ("data", "reads", "__weakref__")
 
     def __init__(self, data: bytes, reads: list[tuple[int, int]] | None = None) -> None:
         self.data = bytes(data)
@@ -105,6 +106,41 @@ class Recording:
 
     def __repr__(self) -> str:
         return f"Recording({len(self.data)} bytes, {len(self.reads)} reads)"
+
+
+class RecordingCache:
+    """Loads recordings by path, sharing one Recording among the users of an unchanged file
+    while any of them holds it (a load test replays a few files over thousands of streams, and
+    each copy would otherwise live as long as its stream)."""
+
+    # Dead entries are swept when the table grows past this many.
+    _SWEEP = 1024
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[tuple, weakref.ref]] = {}
+
+    def load(self, path: PathLike) -> Recording:
+        """`Recording.load(path)`, or the copy a live user already has of the same unchanged
+        file (and sidecar)."""
+        key = (_stat_key(path), _stat_key(timing_path(path)))
+        name = os.fspath(path)
+        cached = self._entries.get(name)
+        recording = cached[1]() if cached is not None and cached[0] == key else None
+        if recording is None:
+            recording = Recording.load(path)
+            if len(self._entries) >= self._SWEEP:
+                self._entries = {p: e for p, e in self._entries.items() if e[1]() is not None}
+            self._entries[name] = (key, weakref.ref(recording))
+        return recording
+
+
+def _stat_key(path: PathLike) -> tuple[int, int] | None:
+    """What tells a changed file from an unchanged one: (mtime ns, size), None when absent."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (info.st_mtime_ns, info.st_size)
 
 
 class RecordingWriter:

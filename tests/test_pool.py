@@ -182,6 +182,27 @@ def test_a_thousand_concurrent_replayed_streams(pool):
         assert r.error is None and r.text == streams[r.source_index][1]
 
 
+def test_many_replays_of_a_few_files_by_path(pool, tmp_path):
+    # Concurrent replays of one file share its bytes in the ingest (RecordingCache); a file
+    # rewritten between runs is read again.
+    files = []
+    for i in range(3):
+        body, text = _chat_stream(100 + i, 30)
+        path = tmp_path / f"s{i}.sse"
+        path.write_bytes(body)
+        files.append((path, text))
+    sources = [Replay(str(files[i % 3][0]), read_size="event") for i in range(150)]
+    results = list(pool.run(sources, concurrency=150))
+    assert sorted(r.source_index for r in results) == list(range(150))
+    for r in results:
+        assert r.error is None and r.text == files[r.source_index % 3][1]
+
+    body, text = _chat_stream(200, 45)
+    files[0][0].write_bytes(body)
+    results = list(pool.run([Replay(str(files[0][0]), read_size="event")] * 4))
+    assert [r.text for r in results] == [text] * 4
+
+
 def test_four_mib_event_crosses_the_ring_among_small_streams(pool):
     big_text = "x" * (4 * 1024 * 1024)
     big = (b'data: {"choices":[{"index":0,"delta":{"content":"' + big_text.encode() + b'"},"finish_reason":null}]}\n\n'

@@ -129,6 +129,44 @@ def test_worker_killed_with_a_stream_too_long_to_replay_fails_it_retryably(mock,
         assert r.error is not None and r.error.kind == "worker_crashed" and r.error.retryable
 
 
+def test_replay_logs_of_all_streams_share_one_budget(mock, no_shm_leak):
+    # Each stream alone is far below the per-stream bound, but together they are over
+    # replay_log_total: the killed worker's streams cannot be replayed.
+    tag = f"wt-{os.getpid()}-{time.monotonic_ns()}"
+    keys = [f"{tag}-{i}" for i in range(4)]
+    pipe = PipelineBuilder().provider("openai-chat").build()
+    with pipe.pool(workers=1, ingest=1, replay_log_total=2048) as pool:
+        handles = [pool.submit(_request(mock, k, tokens=400, tps=200)) for k in keys]
+        it = iter(handles[0])
+        for _ in range(40):
+            next(it)
+        os.kill(pool.worker_pids[0], signal.SIGKILL)
+        results = [h.result() for h in handles]
+    for r in results:
+        assert r.error is not None and r.error.kind == "worker_crashed" and r.error.retryable
+
+
+def test_replay_log_budget_is_given_back_when_streams_end(mock, no_shm_leak):
+    # 200 KiB holds one 400-token stream's log (~200 B a token) but not those of the six streams
+    # before it: the crashed stream is replayed only if ended streams gave their share back.
+    tag = f"wb-{os.getpid()}-{time.monotonic_ns()}"
+    before = [f"{tag}-{i}" for i in range(6)]
+    key = f"{tag}-last"
+    pipe = PipelineBuilder().provider("openai-chat").build()
+    with pipe.pool(workers=1, ingest=1, replay_log_total=200 * 1024) as pool:
+        for r in pool.run([_request(mock, k, tokens=400) for k in before]):
+            assert r.error is None and r.text == _expected(r.custom_id, 400).text
+        handle = pool.submit(_request(mock, key, tokens=400, tps=300))
+        it = iter(handle)
+        got = [next(it) for _ in range(40)]
+        os.kill(pool.worker_pids[0], signal.SIGKILL)
+        got += list(it)
+        result = handle.result()
+    assert result.error is None, result.error
+    text = "".join(t.content for t in got if type(t) is Delta)
+    assert text == result.text == _expected(key, 400).text
+
+
 # --- the ingest process killed -------------------------------------------------------------------
 
 

@@ -4,15 +4,18 @@ to identical tokens, from disk and from the mock's replay directory."""
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import time
+import weakref
 
 import aiohttp
 import pytest
 
 from pipeline import PipelineBuilder, SseParser
 from pipeline.providers import get_adapter
-from pipeline.recording import Recording, RecordingWriter, aiter_replay, iter_replay_chunks, split_events, timing_path
+from pipeline.recording import Recording, RecordingCache, RecordingWriter, aiter_replay, iter_replay_chunks, split_events, timing_path
 from pipeline.testing import MockProviderServer
 
 # Three events, one per line-end style, then a comment-only block and an unterminated tail.
@@ -35,6 +38,37 @@ def test_recording_without_timing_has_no_sidecar(tmp_path):
     Recording.save(path, b"data: x\n\n")
     assert not timing_path(path).exists()
     assert Recording.load(path).reads == []
+
+
+def test_recording_cache_shares_an_unchanged_file_while_it_is_in_use(tmp_path):
+    path = tmp_path / "c.sse"
+    Recording.save(path, b"data: one\n\n", [(11, 0)])
+    cache = RecordingCache()
+    first = cache.load(path)
+    assert cache.load(str(path)) is first  # str and Path name the same file
+    assert first.data == b"data: one\n\n" and first.reads == [(11, 0)]
+
+    # A changed body (size and mtime), then a changed sidecar only: each is loaded afresh.
+    Recording.save(path, b"data: two!\n\n", [(12, 0)])
+    second = cache.load(path)
+    assert second is not first and second.data == b"data: two!\n\n"
+    st = os.stat(path)
+    timing_path(path).write_text(json.dumps({"offset": 12, "t_ns": 5}) + "\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the body's stat is unchanged
+    third = cache.load(path)
+    assert third is not second and third.reads == [(12, 5)]
+
+
+def test_recording_cache_keeps_nothing_alive(tmp_path):
+    path = tmp_path / "d.sse"
+    Recording.save(path, b"data: x\n\n")
+    cache = RecordingCache()
+    ref = weakref.ref(cache.load(path))
+    gc.collect()
+    assert ref() is None  # the cache's reference is weak
+    assert cache.load(path).data == b"data: x\n\n"
+    with pytest.raises(FileNotFoundError):
+        cache.load(tmp_path / "missing.sse")
 
 
 def test_bad_read_offsets_are_refused():

@@ -16,8 +16,10 @@ reading (and the schedulers skip its replays), so TCP pushes back on the servers
 read per stream waits in `pending` while its ring is full: nothing buffers without bound.
 
 Replay after a worker crash: each stream keeps the ring items sent to its worker (bounded by
-`replay_log_bytes`) until the worker says the stream is done; when the caller reports a
-replacement worker, those logs are written to it again (DESIGN.md section 5).
+`replay_log_bytes` per stream and `replay_log_total` for all streams of this ingest) until the
+worker says the stream is done; when the caller reports a replacement worker, those logs are
+written to it again (DESIGN.md section 5). A stream whose log went over either bound keeps none,
+and a crash of its worker fails it with a retryable `worker_crashed`.
 
 Rate limits: each of the pool's I ingest processes enforces rpm/I and tpm/I (pipeline.http's
 RateLimiter); workers report each finished stream's output tokens (`OP_TOKENS_USED`).
@@ -39,6 +41,7 @@ import msgspec
 from pipeline.backpressure import BackpressureController
 from pipeline.core import StreamingPipeline
 from pipeline.errors import StreamError, TooLargeError
+from pipeline.recording import RecordingCache
 from pipeline.sse import SseParser
 from shm.records import (
     KIND_CONTROL,
@@ -117,8 +120,8 @@ def _replay_read_size(read_size: int) -> int | str:
 
 def _iter_fast(recording: Any, read_size: int | str):
     """Unpaced replay reads. Where every line ends in LF (nearly every recording), one read per
-    event is a C-level split on blank lines rather than pipeline.recording's regex scan (any cut
-    parses the same; only the read pattern matters here)."""
+    event is cut at the next blank line (bytes.find) rather than by pipeline.recording's regex
+    scan (any cut parses the same; only the read pattern matters here)."""
     data = recording.data
     if read_size == "recorded":
         from pipeline.recording import iter_replay_chunks
@@ -126,12 +129,15 @@ def _iter_fast(recording: Any, read_size: int | str):
         yield from iter_replay_chunks(recording, read_size)
         return
     if read_size == "event" and b"\r" not in data:
-        pieces = data.split(b"\n\n")
-        last = pieces.pop()
-        for p in pieces:
-            yield p + b"\n\n"
-        if last:
-            yield last
+        # One slice per read, found as it is taken: splitting the whole recording up front
+        # would hold a second copy of it for the stream's life (1,000 streams: 1,000 copies).
+        find = data.find
+        start, n = 0, len(data)
+        while start < n:
+            end = find(b"\n\n", start)
+            end = n if end < 0 else end + 2
+            yield data[start:end]
+            start = end
         return
     if read_size == "event":
         from pipeline.recording import split_events
@@ -242,6 +248,7 @@ class Ingest:
         parent_sentinel: int | None,
         ingest_count: int = 1,
         linger_s: float = DEFAULT_TICK_S,
+        replay_log_total: int = 256 << 20,
     ) -> None:
         self.index = index
         self.pipeline = pipeline
@@ -249,6 +256,10 @@ class Ingest:
         self.event_rings = event_rings
         self.control_rings = control_rings
         self.replay_log_bytes = replay_log_bytes
+        self.replay_log_total = replay_log_total
+        self.log_total = 0  # bytes held in the replay logs of all streams
+        # Replays of one file share one Recording while any of them runs.
+        self._recordings = RecordingCache()
         self.parent_sentinel = parent_sentinel
         self.ingest_count = ingest_count
         self.linger_s = linger_s
@@ -315,8 +326,9 @@ class Ingest:
         lg = st.log
         if lg is not None:
             st.log_bytes += n
-            if st.log_bytes > self.replay_log_bytes:
-                st.log = None  # too big to replay: a crash of its worker fails this stream
+            self.log_total += n
+            if st.log_bytes > self.replay_log_bytes or self.log_total > self.replay_log_total:
+                self._drop_log(st)  # too big to replay: a crash of its worker fails this stream
             elif items is None:
                 lg.append(item)
             else:
@@ -326,6 +338,11 @@ class Ingest:
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
+
+    def _drop_log(self, st: _IngestStream) -> None:
+        if st.log is not None:
+            self.log_total -= st.log_bytes
+            st.log = None
 
     def _close_run(self, w: int) -> None:
         """Turn worker w's open run of event batches into one pending ring entry."""
@@ -462,7 +479,7 @@ class Ingest:
         from pipeline.recording import Recording
 
         try:
-            recording = Recording.load(src.replay_path) if src.replay_path is not None else Recording(src.replay_bytes)
+            recording = self._recordings.load(src.replay_path) if src.replay_path is not None else Recording(src.replay_bytes)
         except Exception as exc:
             self._end_failed(st, exc)
             return
@@ -675,7 +692,7 @@ class Ingest:
         st = self.streams.pop(sid, None)
         if st is None:
             return
-        st.log = None
+        self._drop_log(st)
         if st.task is not None and not st.task.done():
             st.stopped = True
             st.task.cancel()  # closes the connection at once
@@ -848,6 +865,7 @@ def ingest_main(
     ingest_count: int,
     owner_pid: int,
     linger_s: float = DEFAULT_TICK_S,
+    replay_log_total: int = 256 << 20,
 ) -> None:
     """Process entry point of ingest `index` (of `ingest_count`) of the pool owned by `owner_pid`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller decides when we stop
@@ -857,7 +875,7 @@ def ingest_main(
     control_rings = [Ring.attach(h) for h in control_handles]
     try:
         ingest = Ingest(index, pipeline, sub_ring, event_rings, control_rings, replay_log_bytes,
-                        parent_sentinel, ingest_count, linger_s)
+                        parent_sentinel, ingest_count, linger_s, replay_log_total)
         tune_gc()
         try:
             import uvloop

@@ -63,6 +63,10 @@ DEFAULT_CONCURRENCY = 256
 # Per stream, the bytes of records kept for replay after a worker crash. Most LLM streams are far
 # smaller; a longer one is failed with a retryable `worker_crashed` if its worker dies.
 DEFAULT_REPLAY_LOG_BYTES = 1 << 20
+# All replay logs of one ingest process together: with the per-stream bound alone, their memory
+# would grow with the concurrency limit (1,000 long streams: 1 GiB). Streams whose log does not
+# fit are failed the same way if their worker dies.
+DEFAULT_REPLAY_LOG_TOTAL = 256 << 20
 # How long close() waits for children to exit on their own before terminating them.
 _STOP_GRACE_S = 2.0
 
@@ -187,6 +191,7 @@ class Pool:
         concurrency: int = DEFAULT_CONCURRENCY,
         ring_capacity: int = DEFAULT_CAPACITY,
         replay_log_bytes: int = DEFAULT_REPLAY_LOG_BYTES,
+        replay_log_total: int = DEFAULT_REPLAY_LOG_TOTAL,
         start_method: str = "forkserver",
         respawn: bool = True,
         track_latency: bool = False,
@@ -209,6 +214,7 @@ class Pool:
         self.concurrency = concurrency
         self.ring_capacity = ring_capacity
         self.replay_log_bytes = replay_log_bytes
+        self.replay_log_total = replay_log_total
         self.start_method = start_method
         self.respawn = respawn
         self.respawns = 0
@@ -311,6 +317,7 @@ class Pool:
                 self.ingest,
                 os.getpid(),
                 self.linger_s,
+                self.replay_log_total,
             ),
             daemon=True,
         )
