@@ -145,18 +145,7 @@ class StreamSession:
 
     def process_events(self, events: list[SseEvent], read_ns: int, nbytes: int | None = None) -> list[StreamToken]:
         """Feed events already parsed from the framing (what a pool worker receives)."""
-        if self.finished:
-            return []
-        if nbytes is None:
-            nbytes = sum(len(e.data) for e in events)
-        self._metrics.on_chunk(nbytes, read_ns)
-        if not events:
-            return []
-        try:  # _run and _adapter_feed inlined: a pool worker's per-read path
-            tokens = self._adapter.feed(events)
-        except Exception as exc:
-            tokens = [_adapter_error(exc)]
-        return self._after_adapter(tokens, read_ns)
+        return process_event_batches([(self, events, read_ns, nbytes)])[0]
 
     def fail(self, error: Error, read_ns: int | None = None) -> list[StreamToken]:
         """End the stream with an error from outside the bytes (HTTP status, timeout, cancel)."""
@@ -205,10 +194,18 @@ class StreamSession:
     def _after_adapter(self, tokens: list[StreamToken], read_ns: int) -> list[StreamToken]:
         if not tokens:
             return tokens
+        return self._transform(self._count(tokens, read_ns), read_ns)
+
+    def _count(self, tokens: list[StreamToken], read_ns: int) -> list[StreamToken]:
+        """Token ids decoded to text (when configured), then counted by the metrics."""
         if self._decoder is not None:
             tokens = self._decode_ids(tokens)
         # Metrics count what the provider sent, before transformers hold back or split text.
         self._metrics.on_tokens(tokens, read_ns)
+        return tokens
+
+    def _transform(self, tokens: list[StreamToken], read_ns: int) -> list[StreamToken]:
+        """The transformer chain; the result is built when the stream ends."""
         try:
             out = self._chain.process(tokens)
         except Exception as exc:  # a failing user transformer ends only this stream
@@ -257,6 +254,45 @@ class StreamSession:
         # Drop per-stream state now: a pool keeps thousands of sessions alive at once.
         self._parser = None
         self._decoder = None
+
+
+def process_event_batches(
+    batches: list[tuple[StreamSession, list[SseEvent], int, int | None]],
+) -> list[list[StreamToken]]:
+    """`session.process_events(events, read_ns, nbytes)` for each item, done stage by stage
+    across the items: every adapter first, then the metrics, then the transformers. Each session
+    sees exactly the calls `process_events` makes, in the same order; a session may appear at
+    most once. Returns each item's tokens.
+
+    Why: a pool worker with many streams gets one read per stream per pass, and the whole path
+    for one read (JSON decoding, adapter, metrics, transformers) is more code and data than the
+    first-level caches hold. Running one stage over every read of a pass keeps that stage's code
+    hot: `tools/instructions.py --cache` counts half the cache misses per event this way."""
+    out: list[list[StreamToken]] = []
+    add = out.append
+    for session, events, read_ns, nbytes in batches:
+        if session.finished:
+            add([])
+            continue
+        if nbytes is None:
+            nbytes = sum(len(e.data) for e in events)
+        session._metrics.on_chunk(nbytes, read_ns)
+        if not events:
+            add([])
+            continue
+        try:
+            add(session._adapter.feed(events))
+        except Exception as exc:
+            add([_adapter_error(exc)])
+    for i, tokens in enumerate(out):
+        if tokens:
+            item = batches[i]
+            out[i] = item[0]._count(tokens, item[2])
+    for i, tokens in enumerate(out):
+        if tokens:
+            item = batches[i]
+            out[i] = item[0]._transform(tokens, item[2])
+    return out
 
 
 class TokenStream:

@@ -3,13 +3,17 @@ fraction of a percent whatever else the machine is doing, where timings on the s
 machine drift by 15% from run to run. For judging a change to a hot path before (and besides)
 timing it with `python -m bench`.
 
-    python tools/instructions.py [--what worker session parser] [--events N]
+    python tools/instructions.py [--what worker session parser] [--events N] [--cache]
 
 Each case runs twice under `valgrind --tool=callgrind`: once building its inputs only, once
 building them and processing them; the difference over the number of events is the cost per
-event (imports and set-up cancel out). Cases:
+event (imports and set-up cancel out). `--cache` also simulates the first-level caches
+(`--cache-sim=yes`, about twice as slow) and reports instruction (I1) and data (D1) misses per
+event: a miss costs ~10-40 cycles, so a few hundred per event weigh as much as the instructions
+themselves, and they are what a leaner footprint per event (fewer objects, less code) saves.
+Cases:
 
-- worker:  a pool worker's core (WorkerCore.on_events on decoded KIND_SSE_LIST entries), 1,000
+- worker:  a pool worker's core (WorkerCore.on_records on decoded KIND_SSE_LIST entries), 1,000
            OpenAI chat streams, one event per read: the shape of bench.e2e (b).
 - session: StreamSession.process_events in reads of 64 events: the shape of bench.e2e (a).
 - parser:  SseParser.feed, one event per read.
@@ -77,8 +81,7 @@ def _worker_case(n: int) -> Callable[[], None]:
 
     def process() -> None:
         for entry in entries:
-            for rec in sse_list_decoder.decode(entry):
-                core.on_events(rec)
+            core.on_records(sse_list_decoder.decode(entry))
             core.outputs.clear()
 
     process.core = core  # type: ignore[attr-defined]  # for the harness's own test
@@ -127,23 +130,27 @@ def child(what: str, n: int, process: bool) -> None:
         run()
 
 
-def count(what: str, n: int, process: bool) -> int:
-    """Instructions callgrind counts for one child run."""
-    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+def count(what: str, n: int, process: bool, cache: bool = False) -> dict[str, int]:
+    """Events callgrind counts for one child run: `Ir` (instructions) and, with `cache`, `I1mr`
+    and `D1mr`/`D1mw` (first-level instruction and data read/write misses)."""
+    sim = ["--cache-sim=yes"] if cache else []
+    cmd = ["valgrind", "--tool=callgrind", *sim, "--callgrind-out-file=/dev/null", sys.executable, __file__,
            "--child", what, str(n), "1" if process else "0"]
     # A fixed hash seed: str hashes (dict and set layouts) otherwise vary the count run to run.
     env = dict(os.environ, PYTHONHASHSEED="0")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    found = re.search(r"Collected\s*:\s*([\d,]+)", proc.stderr)
-    if proc.returncode != 0 or found is None:
+    names = re.search(r"Events\s*:\s*(.+)", proc.stderr)
+    found = re.search(r"Collected\s*:\s*([\d ,]+)", proc.stderr)
+    if proc.returncode != 0 or names is None or found is None:
         raise RuntimeError(f"valgrind failed for {what}: {proc.stderr[-2000:]}")
-    return int(found.group(1).replace(",", ""))
+    return dict(zip(names.group(1).split(), (int(v.replace(",", "")) for v in found.group(1).split())))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--what", nargs="*", choices=CASES, default=list(CASES))
     ap.add_argument("--events", type=int, default=10_000, help="events per case (default 10,000)")
+    ap.add_argument("--cache", action="store_true", help="also count first-level cache misses per event")
     ap.add_argument("--child", nargs=3, metavar=("CASE", "N", "PROCESS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -155,8 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for what in args.what:
         n = events_of(what, args.events)
-        full, setup = count(what, args.events, True), count(what, args.events, False)
-        print(f"{what:8s} {(full - setup) / n:10,.0f} instructions per event ({n:,} events)")
+        full, setup = count(what, args.events, True, args.cache), count(what, args.events, False, args.cache)
+        per = {k: (full[k] - setup[k]) / n for k in full}
+        line = f"{what:8s} {per['Ir']:10,.0f} instructions per event ({n:,} events)"
+        if args.cache:
+            line += f"; misses per event: I1 {per['I1mr']:,.0f}, D1 {per['D1mr'] + per['D1mw']:,.0f}"
+        print(line)
     return 0
 
 

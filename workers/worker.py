@@ -16,7 +16,7 @@ import time
 
 import msgspec
 
-from pipeline.core import StreamingPipeline, StreamSession
+from pipeline.core import StreamingPipeline, StreamSession, process_event_batches
 from pipeline.tokens import Error
 from shm.multiwait import closed_and_drained, wait_any
 from shm.records import (
@@ -89,23 +89,57 @@ class WorkerCore:
         session = self.pipeline.open_stream(sid, dialect, opts.start_ns or None)
         self.streams[sid] = _Stream(session, ingest, opts.want_tokens)
 
+    def on_records(self, records: list) -> None:
+        """A pass's decoded SseBatch and StreamEnd records, in ring order. Event batches are
+        processed in rounds that hold at most one batch per stream (`process_event_batches`,
+        stage by stage); a stream's next batch or its end waits for the round holding its last
+        batch, so each stream sees its records in order."""
+        round_: list = []
+        in_round: set[int] = set()
+        for rec in records:
+            sid = rec.stream_id
+            if sid in in_round:
+                self.on_event_batches(round_)
+                round_ = []
+                in_round.clear()
+            if type(rec) is SseBatch:
+                round_.append(rec)
+                in_round.add(sid)
+            else:
+                self.on_end(rec)
+        if round_:
+            self.on_event_batches(round_)
+
     def on_events(self, rec) -> None:
-        st = self.streams.get(rec.stream_id)
-        if st is None or rec.seq != st.next_seq:
-            return  # never opened here (it will be replayed) or already processed
-        st.next_seq += 1
-        read_ns = rec.read_time_ns
-        delay = self.pass_ns - read_ns  # queue delay: from the read to the pass that took it
-        if delay > self.max_delay_ns:
-            self.max_delay_ns = delay
-        session = st.session
-        tokens = session.process_events(rec.events, read_ns, rec.nbytes)
-        # _emit inlined: this is the per-read path.
-        if tokens and st.want_tokens:
-            self.outputs.append((KIND_OUTPUT, self._encode(TokensOut(rec.stream_id, st.out_seq, OUT_TOKENS, tokens, read_ns))))
-            st.out_seq += 1
-        if session.finished:
-            self._finish(rec.stream_id, st)
+        """One SseBatch record."""
+        self.on_event_batches([rec])
+
+    def on_event_batches(self, records: list) -> None:
+        """SseBatch records of distinct streams."""
+        streams = self.streams
+        todo = []
+        items = []
+        max_delay = self.max_delay_ns
+        pass_ns = self.pass_ns
+        for rec in records:
+            st = streams.get(rec.stream_id)
+            if st is None or rec.seq != st.next_seq:
+                continue  # never opened here (it will be replayed) or already processed
+            st.next_seq += 1
+            read_ns = rec.read_time_ns
+            if pass_ns - read_ns > max_delay:  # queue delay: from the read to the pass that took it
+                max_delay = pass_ns - read_ns
+            todo.append((st, rec))
+            items.append((st.session, rec.events, read_ns, rec.nbytes))
+        self.max_delay_ns = max_delay
+        outputs = self.outputs
+        for (st, rec), tokens in zip(todo, process_event_batches(items)):
+            # _emit inlined: this is the per-read path.
+            if tokens and st.want_tokens:
+                outputs.append((KIND_OUTPUT, self._encode(TokensOut(rec.stream_id, st.out_seq, OUT_TOKENS, tokens, rec.read_time_ns))))
+                st.out_seq += 1
+            if st.session.finished:
+                self._finish(rec.stream_id, st)
 
     def on_end(self, rec) -> None:
         sid = rec.stream_id
@@ -187,7 +221,7 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
     encode_bytes = codec.encode_bytes
     decode_batch = sse_batch_decoder.decode
     decode_list = sse_list_decoder.decode
-    on_events, on_end, on_open = core.on_events, core.on_end, core.on_open
+    on_records, on_open = core.on_records, core.on_open
     assemblers = [PartAssembler() for _ in event_rings]
     out_max = output_ring.max_entry_payload
     open_rings = list(range(len(event_rings)))
@@ -241,12 +275,8 @@ def _loop(pipeline, event_rings, control_rings, output_ring, parent_sentinel, li
             entries = view = payload = None  # no view into the ring may outlive release()
             ring.release()
             core.pass_ns = time.monotonic_ns()
-            for rec in work:
-                if type(rec) is SseBatch:
-                    on_events(rec)
-                else:
-                    on_end(rec)
-            work = rec = None
+            on_records(work)
+            work = None
         if got:
             napper.worked(got_bytes)
         outputs = core.outputs
