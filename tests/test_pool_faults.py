@@ -113,29 +113,14 @@ def test_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_repeated(mock,
     assert counts == {k: 1 for k in keys}  # no request sent twice
 
 
-def test_worker_killed_with_a_stream_too_long_to_replay_fails_it_retryably(mock, no_shm_leak):
-    # A replay log of 1 KiB per stream: the killed worker's streams cannot be replayed.
+@pytest.mark.parametrize("bound", [{"replay_log_bytes": 1024}, {"replay_log_total": 2048}], ids=["per-stream", "total"])
+def test_worker_killed_with_streams_too_long_to_replay_fails_them_retryably(mock, no_shm_leak, bound):
+    # Logs of 1 KiB per stream, or of 2 KiB for all streams of the ingest together (each
+    # stream alone far below the per-stream bound): the killed worker's streams cannot be replayed.
     tag = f"wl-{os.getpid()}-{time.monotonic_ns()}"
     keys = [f"{tag}-{i}" for i in range(4)]
     pipe = PipelineBuilder().provider("openai-chat").build()
-    with pipe.pool(workers=1, ingest=1, replay_log_bytes=1024) as pool:
-        handles = [pool.submit(_request(mock, k, tokens=400, tps=200)) for k in keys]
-        it = iter(handles[0])
-        for _ in range(40):
-            next(it)
-        os.kill(pool.worker_pids[0], signal.SIGKILL)
-        results = [h.result() for h in handles]
-    for r in results:
-        assert r.error is not None and r.error.kind == "worker_crashed" and r.error.retryable
-
-
-def test_replay_logs_of_all_streams_share_one_budget(mock, no_shm_leak):
-    # Each stream alone is far below the per-stream bound, but together they are over
-    # replay_log_total: the killed worker's streams cannot be replayed.
-    tag = f"wt-{os.getpid()}-{time.monotonic_ns()}"
-    keys = [f"{tag}-{i}" for i in range(4)]
-    pipe = PipelineBuilder().provider("openai-chat").build()
-    with pipe.pool(workers=1, ingest=1, replay_log_total=2048) as pool:
+    with pipe.pool(workers=1, ingest=1, **bound) as pool:
         handles = [pool.submit(_request(mock, k, tokens=400, tps=200)) for k in keys]
         it = iter(handles[0])
         for _ in range(40):
