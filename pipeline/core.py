@@ -111,7 +111,8 @@ class StreamSession:
         if pipeline.estimate_usage_encoding is not None:
             chain.append(_UsageEstimator(pipeline.estimate_usage_encoding))
         chain.append(self._accumulator)
-        self._chain = TransformerChain(chain)
+        # A transformer that raises fails its stream at that token (TransformerChain(contain=True)).
+        self._chain = TransformerChain(chain, contain=True)
         self._registry = pipeline.registry
         if pipeline.metrics_enabled:
             self._metrics = StreamMetrics(clock_ns=pipeline.clock_ns)

@@ -178,13 +178,18 @@ class TransformerChain:
     before the terminal token reaches it, so held text comes out ahead of the end. A transformer
     that ends the stream itself (emits a terminal, or fails) is not asked to finish(), nor are
     the ones before it: what they hold comes after the end. `stop_requested` is then True.
-    Exceptions raised by a transformer propagate to the caller.
+    Exceptions raised by a transformer propagate to the caller, unless the chain `contains`
+    them: then an exception from `transform` or `finish` fails the stream right there, as a
+    `Fail("filtered")` would (the tokens before it go on, and so does the text the transformers
+    after it hold), so what a stream keeps does not depend on how its tokens were batched.
     """
 
-    __slots__ = ("_stages", "_observer", "_observe_all", "_finished", "_end_stage", "ended", "stop_requested")
+    __slots__ = ("_stages", "_observer", "_observe_all", "_finished", "_end_stage", "_contain", "ended",
+                 "stop_requested")
 
-    def __init__(self, transformers: list[StreamTransformer]) -> None:
+    def __init__(self, transformers: list[StreamTransformer], *, contain: bool = False) -> None:
         self._stages = list(transformers)
+        self._contain = contain
         self._observer = [isinstance(t, StreamObserver) for t in self._stages]
         # A chain of observers only (the default: just the accumulator) passes a batch without
         # a terminal token straight to each one's observe_batch: no per-stage dispatch per read.
@@ -274,7 +279,10 @@ class TransformerChain:
         terminal = type(last) in _TERMINALS
         body = toks[:-1] if terminal else toks
         for k, tok in enumerate(body):
-            r = transform(tok)
+            try:
+                r = transform(tok)
+            except Exception as exc:
+                r = self._failure(exc)
             if r is PASS:
                 if out is not None:
                     out.append(tok)
@@ -291,19 +299,32 @@ class TransformerChain:
             out = list(body)
         if not self._finished[i]:
             self._finished[i] = True
-            released = tr.finish()
+            try:
+                released = tr.finish()
+            except Exception as exc:
+                self._apply(i, self._failure(exc), out, from_terminal=False)
+                return out
             for tok in released:
                 out.append(tok)
                 if type(tok) in _TERMINALS:
                     self._mark_end(i, producer=True)
                     return out
-        r = transform(last)
+        try:
+            r = transform(last)
+        except Exception as exc:
+            r = self._failure(exc)
         if r is PASS:
             out.append(last)
             self._mark_end(i, producer=False)
         elif r is not SKIP:
             self._apply(i, r, out, from_terminal=True)
         return out
+
+    def _failure(self, exc: Exception) -> "Fail":
+        """What a transformer's exception becomes in a containing chain (else it propagates)."""
+        if not self._contain:
+            raise exc
+        return Fail("filtered", f"transformer failed: {type(exc).__name__}: {exc}")
 
     def _apply(self, i: int, r: Any, out: list[StreamToken], from_terminal: bool) -> bool:
         """Append a Replace/Emit/Fail outcome to `out`; True when it ended the stream."""

@@ -335,6 +335,64 @@ def test_fail_ends_the_stream_with_a_filtered_error_and_requests_stop():
     assert (r.text, r.finish, r.error.kind, r.error.retryable) == ("fine ", "error", "filtered", False)
 
 
+class _RaiseOn(StreamTransformer):
+    """Raises on a token holding `word` (when `at_finish`, at finish() instead, holding text)."""
+
+    def __init__(self, word: str, at_finish: bool = False) -> None:
+        self.word, self.at_finish, self.held = word, at_finish, []
+
+    def transform(self, token):
+        text = getattr(token, "content", None) or ""
+        if self.word in text:
+            if self.at_finish:
+                self.held.append(token)
+                return SKIP
+            raise ValueError(f"saw {self.word}")
+        return PASS
+
+    def finish(self):
+        if self.held:
+            raise RuntimeError("cannot release")
+        return []
+
+
+def test_a_raising_transformer_propagates_from_a_plain_chain():
+    with pytest.raises(ValueError):
+        TransformerChain([_RaiseOn("bad")]).process([Delta("bad")])
+
+
+def test_a_containing_chain_fails_the_stream_at_the_raising_token():
+    acc = TokenAccumulator()
+    chain = TransformerChain([_RaiseOn("bad"), acc], contain=True)
+    out = chain.process([Delta("fine "), Delta("bad word"), Delta("more")])
+    assert out == [Delta("fine "), Error.of("filtered", "transformer failed: ValueError: saw bad")]
+    assert chain.ended and chain.stop_requested
+    r = acc.result
+    assert (r.text, r.error.kind) == ("fine ", "filtered")
+
+
+def test_a_containing_chain_fails_the_stream_when_finish_raises():
+    acc = TokenAccumulator()
+    chain = TransformerChain([_RaiseOn("held", at_finish=True), acc], contain=True)
+    out = chain.process([Delta("kept "), Delta("held"), Done("stop")])
+    assert out == [Delta("kept "), Error.of("filtered", "transformer failed: RuntimeError: cannot release")]
+    assert (acc.result.text, acc.result.error.kind) == ("kept ", "filtered")
+
+
+@pytest.mark.parametrize("reads", [1, 3])
+def test_what_a_stream_keeps_when_a_transformer_raises_does_not_depend_on_the_reads(reads):
+    import json
+
+    from pipeline import PipelineBuilder
+
+    events = [b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}).encode()
+              + b"\n\n" for w in ["x ", "a bad word", " y"]]
+    chunks = [b"".join(events)] if reads == 1 else events
+    result = PipelineBuilder().add_transformer(_RaiseOn("bad")).build().collect(chunks)
+    assert result.text == "x "
+    assert result.error.kind == "filtered" and "ValueError: saw bad" in result.error.message
+
+
 def test_fail_with_an_unknown_kind_is_refused_at_once():
     with pytest.raises(ValueError):
         Fail("oops")
