@@ -208,6 +208,32 @@ def test_registry_itl_matches_hdr_recording_every_token():
     assert got["count"] == oracle.get_total_count()
 
 
+def test_itl_of_a_long_stream_matches_hdr_across_folds_and_snapshots():
+    # More reads than a stream gathers before bucketing them, with a snapshot in the middle:
+    # every sample must be counted once, in its HDR bucket.
+    import random
+
+    rng = random.Random(3)
+    oracle = HdrHistogram(1, 3_600_000_000_000, 3)
+    m = StreamMetrics(clock_ns=no_clock)
+    m.start(0)
+    t = 0
+    m.on_tokens([Delta("x")], t)
+    for i in range(10_000):
+        n, gap = rng.choice([1, 1, 1, 2, 5]), rng.randint(1, 50_000_000)
+        t += gap
+        m.on_tokens([Delta("y" * n, token_ids=list(range(n)))], t)
+        oracle.record_value(gap // n, n)
+        if i == 6_000:
+            m.snapshot()  # reading the metrics mid-stream changes nothing
+    snap = m.snapshot()
+    assert sum(snap.itl_histogram.values()) == oracle.get_total_count() == snap.tokens - 1
+    for low, count in snap.itl_histogram.items():
+        assert oracle.get_count_at_value(low) == count
+    for p in (50, 90, 99):
+        assert getattr(snap, f"itl_p{p}_ms") == oracle.get_value_at_percentile(p) / 1e6
+
+
 def test_merge_across_processes_is_exact():
     streams = [_stream(50 + 37 * i, [5 + i, 11, 3 * i + 1], 500 + 10 * i) for i in range(30)]
     whole = MetricsRegistry()
