@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -111,6 +110,47 @@ def test_worker_killed_mid_run_is_replaced_and_nothing_is_lost_or_repeated(mock,
             counts[log.key] = counts.get(log.key, 0) + 1
             assert log.status == "complete"
     assert counts == {k: 1 for k in keys}  # no request sent twice
+
+
+def test_worker_killed_mid_replay_gets_the_replays_again_from_their_recordings(tmp_path, no_shm_leak):
+    # Replays keep no copy of their event batches: a replacement worker gets them parsed again
+    # from the recording (paced, per event and in 100-byte reads), with their first read times.
+    from pipeline.recording import Recording
+
+    words = [f"w{j} " for j in range(150)]
+    chunks = [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in words]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    events = [b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
+    body = b"".join(events)
+    ends, off = [], 0
+    for j, ev in enumerate(events):
+        off += len(ev)
+        ends.append((off, j * 6_000_000))  # one event every 6 ms: ~0.9 s a stream
+    path = tmp_path / "paced.sse"
+    Recording.save(path, body, ends)
+    sources = [Replay(str(path), read_size=rs, pace=1.0) for rs in ("event", 100, "recorded") for _ in range(4)]
+    pipe = PipelineBuilder().provider("openai-chat").build()
+    texts: dict[int, list[str]] = {i: [] for i in range(len(sources))}
+    ends_seen: dict[int, object] = {}
+
+    async def go(pool):
+        killed = None
+        async for idx, batch in pool.astream(sources):
+            texts[idx] += [t.content for t in batch if type(t) is Delta]
+            if type(batch[-1]) in (Done, Error):
+                ends_seen[idx] = batch[-1]
+            if killed is None and sum(map(len, texts.values())) > len(sources) * 40:
+                killed = pool.worker_pids[0]
+                os.kill(killed, signal.SIGKILL)
+        return killed
+
+    with pipe.pool(workers=2, ingest=1) as pool:
+        assert asyncio.run(go(pool)) is not None
+        assert pool.respawns == 1
+    assert set(ends_seen) == set(range(len(sources)))
+    for i in range(len(sources)):
+        assert type(ends_seen[i]) is Done, ends_seen[i]
+        assert "".join(texts[i]) == "".join(words)  # every token exactly once, in order
 
 
 @pytest.mark.parametrize("bound", [{"replay_log_bytes": 1024}, {"replay_log_total": 2048}], ids=["per-stream", "total"])

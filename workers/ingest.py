@@ -19,7 +19,9 @@ Replay after a worker crash: each stream keeps the ring items sent to its worker
 `replay_log_bytes` per stream and `replay_log_total` for all streams of this ingest) until the
 worker says the stream is done; when the caller reports a replacement worker, those logs are
 written to it again (DESIGN.md section 5). A stream whose log went over either bound keeps none,
-and a crash of its worker fails it with a retryable `worker_crashed`.
+and a crash of its worker fails it with a retryable `worker_crashed`. Replays log no event
+batches: their recording gives them again (`_replay_items`), with the read times they were sent
+with, so a replay's log is its open and end records and 8 bytes per batch.
 
 Rate limits: each of the pool's I ingest processes enforces rpm/I and tpm/I (pipeline.http's
 RateLimiter); workers report each finished stream's output tokens (`OP_TOKENS_USED`).
@@ -34,6 +36,7 @@ import logging
 import os
 import signal
 import time
+from array import array
 from typing import Any
 
 import msgspec
@@ -96,6 +99,33 @@ _REPLAY_YIELD_READS = 256
 _JOIN_MAX_BYTES = 32 * 1024
 
 
+class _ReplayLog:
+    """The ring items sent for one stream, packed into one buffer: one object per stream instead
+    of a tuple and a payload per item, and each payload is freed once it is written."""
+
+    __slots__ = ("data", "index")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.index = array("q")  # kind, length, kind, length, ...
+
+    def add(self, kind: int, payload: bytes | memoryview) -> None:
+        self.data += payload
+        self.index.append(kind)
+        self.index.append(len(payload))
+
+    def items(self) -> list[tuple[int, bytes]]:
+        """The items in the order they were added."""
+        out = []
+        data, index = self.data, self.index
+        off = 0
+        for i in range(0, len(index), 2):
+            n = index[i + 1]
+            out.append((index[i], bytes(data[off : off + n])))
+            off += n
+        return out
+
+
 class _IngestStream:
     __slots__ = ("stream_id", "worker", "task", "log", "log_bytes", "seq", "stopped", "ended", "secrets")
 
@@ -103,7 +133,7 @@ class _IngestStream:
         self.stream_id = stream_id
         self.worker = worker
         self.task: asyncio.Task | None = None
-        self.log: list[tuple[int, bytes]] | None = []
+        self.log: _ReplayLog | None = _ReplayLog()
         self.log_bytes = 0
         self.seq = 0
         self.stopped = False  # the worker said it is done: end quietly
@@ -187,15 +217,19 @@ class _ReplayJob:
     """A replay driven by one of the ingest's replay schedulers instead of a task of its own.
     Quacks like the stream's task where the ingest cancels or inspects it (`cancel`, `done`)."""
 
-    __slots__ = ("st", "reads", "parser", "pending", "finished", "_on_cancel")
+    __slots__ = ("st", "reads", "parser", "pending", "finished", "_on_cancel", "reread", "read_ns")
 
-    def __init__(self, st: _IngestStream, reads: Any, parser: SseParser, on_cancel: Any) -> None:
+    def __init__(self, st: _IngestStream, reads: Any, parser: SseParser, on_cancel: Any, reread: Any) -> None:
         self.st = st
         self.reads = reads  # an iterator of the stream's reads
         self.parser = parser
         self.pending = 0  # bytes read since the last batch
         self.finished = False
         self._on_cancel = on_cancel
+        # A replay's event batches are not kept for a crashed worker (see Ingest._replay_items):
+        # `reread()` gives the same reads again, and read_ns holds each batch's read time.
+        self.reread = reread
+        self.read_ns = array("q")
 
     def done(self) -> bool:
         return self.finished
@@ -324,15 +358,16 @@ class Ingest:
                 items = ring_items(kind, payload, self.max_entry[w])
                 self.pending[w].extend(items)
         lg = st.log
-        if lg is not None:
+        if lg is not None and not (kind == KIND_SSE and type(st.task) is _ReplayJob):
             st.log_bytes += n
             self.log_total += n
             if st.log_bytes > self.replay_log_bytes or self.log_total > self.replay_log_total:
                 self._drop_log(st)  # too big to replay: a crash of its worker fails this stream
             elif items is None:
-                lg.append(item)
+                lg.add(kind, payload)
             else:
-                lg.extend(items)
+                for part_kind, part in items:
+                    lg.add(part_kind, part)
         if len(self.runs[w]) + len(self.pending[w]) >= _FLUSH_ITEMS:
             self._flush()
         elif not self._flush_scheduled:
@@ -487,10 +522,12 @@ class Ingest:
         read_size = _replay_read_size(src.read_size)
         if src.pace > 0:
             reads = _paced_reads(recording, read_size, src.pace, self.loop.time())
-            st.task = job = _ReplayJob(st, reads, parser, self._end_cancelled)
+            reread = lambda: (chunk for _, chunk in _paced_reads(recording, read_size, 1.0, 0.0))  # noqa: E731
+            st.task = job = _ReplayJob(st, reads, parser, self._end_cancelled, reread)
             self._paced_push(job)
             return
-        st.task = job = _ReplayJob(st, _iter_fast(recording, read_size), parser, self._end_cancelled)
+        st.task = job = _ReplayJob(st, _iter_fast(recording, read_size), parser, self._end_cancelled,
+                                   lambda: _iter_fast(recording, read_size))
         self._jobs.append(job)
         if self._scheduler is None or self._scheduler.done():
             self._scheduler = self.loop.create_task(self._run_replays())
@@ -513,9 +550,11 @@ class Ingest:
             except TooLargeError as exc:
                 if isinstance(exc.received, list) and exc.received:
                     self._batch(st, exc.received, read_ns, job.pending)
+                    job.read_ns.append(read_ns)
                 raise
             if events:
                 self._batch(st, events, read_ns, job.pending)
+                job.read_ns.append(read_ns)
                 job.pending = 0
             return True
         except Exception as exc:  # ends this stream only
@@ -702,6 +741,38 @@ class Ingest:
         if st is not None and st.task is not None and not st.task.done():
             st.task.cancel()
 
+    def _replay_items(self, st: _IngestStream) -> list[tuple[int, bytes]]:
+        """What a replayed stream sent its worker so far, for a replacement worker: its logged
+        records (the open, and the end once sent) around its event batches, made again from the
+        recording: the same reads through a new parser give the same events, and the batches
+        get the read times they were first sent with (so the new worker's outputs and metrics
+        are the ones the caller already has in part)."""
+        job: _ReplayJob = st.task  # type: ignore[assignment]
+        logged = st.log.items()  # type: ignore[union-attr]
+        batches: list[tuple[int, bytes]] = []
+        sent = len(job.read_ns)
+        parser = SseParser(max_event_bytes=self.pipeline.max_event_bytes)
+        pending = 0
+        max_entry = self.max_entry[st.worker]
+        reads = job.reread()
+        while len(batches) < sent:
+            chunk = next(reads)  # the first pass made `sent` batches from these same reads
+            pending += len(chunk)
+            try:
+                events = parser.feed(chunk)
+            except TooLargeError as exc:
+                events = exc.received if isinstance(exc.received, list) else []
+            if events:
+                seq = len(batches)
+                payload = self._encode(SseBatch(st.stream_id, seq, job.read_ns[seq], events, pending))
+                batches.append((KIND_SSE, payload))
+                pending = 0
+        # Its log holds the open (small: it never needs parts) and, once sent, the end.
+        items = logged[:1]
+        for kind, payload in batches:
+            items.extend([(kind, payload)] if len(payload) <= max_entry else ring_items(kind, payload, max_entry))
+        return items + logged[1:]
+
     def _worker_restarted(self, w: int) -> None:
         """Re-send the open streams of a replaced worker from their logs."""
         items: list[tuple[int, bytes]] = []
@@ -710,7 +781,7 @@ class Ingest:
             if st.worker != w:
                 continue
             if st.log is not None:
-                items.extend(st.log)
+                items.extend(self._replay_items(st) if type(st.task) is _ReplayJob else st.log.items())
             else:
                 kind, payload = self._encode_record(StreamEnd(
                     sid, 0, "error", None, "worker_crashed",
