@@ -756,7 +756,9 @@ class Ingest:
         max_entry = self.max_entry[st.worker]
         reads = job.reread()
         while len(batches) < sent:
-            chunk = next(reads)  # the first pass made `sent` batches from these same reads
+            chunk = next(reads, None)  # the first pass made `sent` batches from these same reads
+            if chunk is None:
+                raise RuntimeError(f"its reads gave {len(batches)} batches, not {sent}")
             pending += len(chunk)
             try:
                 events = parser.feed(chunk)
@@ -780,12 +782,21 @@ class Ingest:
             st = self.streams[sid]
             if st.worker != w:
                 continue
+            again = None
             if st.log is not None:
-                items.extend(self._replay_items(st) if type(st.task) is _ReplayJob else st.log.items())
+                if type(st.task) is not _ReplayJob:
+                    again = st.log.items()
+                else:
+                    try:
+                        again = self._replay_items(st)
+                    except Exception as exc:  # (a recording that no longer gives the same reads)
+                        log.error("stream %d could not be replayed to a new worker: %s", sid, exc)
+            if again is not None:
+                items.extend(again)
             else:
                 kind, payload = self._encode_record(StreamEnd(
                     sid, 0, "error", None, "worker_crashed",
-                    "its worker crashed and the stream was too long to replay"))
+                    "its worker crashed and the stream could not be replayed (too long, or its recording failed)"))
                 items.append((kind, payload))
                 st.stopped = True
                 if st.task is not None and not st.task.done():
