@@ -178,10 +178,10 @@ class TransformerChain:
     before the terminal token reaches it, so held text comes out ahead of the end. A transformer
     that ends the stream itself (emits a terminal, or fails) is not asked to finish(), nor are
     the ones before it: what they hold comes after the end. `stop_requested` is then True.
-    Exceptions raised by a transformer propagate to the caller, unless the chain `contains`
-    them: then an exception from `transform` or `finish` fails the stream right there, as a
-    `Fail("filtered")` would (the tokens before it go on, and so does the text the transformers
-    after it hold), so what a stream keeps does not depend on how its tokens were batched.
+    Exceptions raised by a transformer propagate to the caller, unless the chain was built
+    with `contain=True`: then an exception from `transform` or `finish` fails the stream right
+    there, as `Fail("filtered")` would (the tokens before it go on, and so does the text the
+    transformers after it hold), so what a stream keeps does not depend on its batching.
     """
 
     __slots__ = ("_stages", "_observer", "_observe_all", "_finished", "_end_stage", "_contain", "ended",
