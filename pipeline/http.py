@@ -622,11 +622,7 @@ class HttpStreamHandler:
                                     watch.since = None
                                 continue
                         else:
-                            if watch is not None:
-                                watch.wait_from(loop.time())
-                            chunk = await content.readany()
-                            if watch is not None:
-                                watch.since = None
+                            chunk = await self._readany(content, watch, loop)
                     except (_IdleTimeout, asyncio.TimeoutError):
                         raise self._timeout_error("between reads") from None
                     except _DROP_ERRORS as exc:
@@ -746,6 +742,16 @@ class HttpStreamHandler:
             self._stop_watch()
             self._drop_response()
 
+    @staticmethod
+    async def _readany(content: Any, watch: _IdleWatch | None, loop: asyncio.AbstractEventLoop) -> bytes:
+        """`content.readany()` with the idle watch armed while it waits."""
+        if watch is not None:
+            watch.wait_from(loop.time())
+        chunk = await content.readany()
+        if watch is not None:
+            watch.since = None
+        return chunk
+
     async def _pull_body(self, content: Any, parser: SseParser, watch: _IdleWatch | None,
                          sink: Callable[[list[SseEvent], int, int], bool],
                          paused: Callable[[], Awaitable[Any]]) -> BaseException | None:
@@ -753,11 +759,7 @@ class HttpStreamHandler:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                if watch is not None:
-                    watch.wait_from(loop.time())
-                chunk = await content.readany()
-                if watch is not None:
-                    watch.since = None
+                chunk = await self._readany(content, watch, loop)
             except (_IdleTimeout, asyncio.TimeoutError):
                 raise self._timeout_error("between reads") from None
             except _DROP_ERRORS as exc:
