@@ -37,6 +37,7 @@ from .errors import (
     TooLargeError,
 )
 from .sources import REDACTED, Replay, Request, _redact_url, is_secret_header
+from .chunked import sse_connector
 from .sse import DEFAULT_MAX_EVENT_BYTES, SseEvent, SseParser
 from .tokens import Error, StreamResult, StreamToken
 
@@ -445,7 +446,7 @@ class _Pusher:
     handed to the sink right inside data_received, with no task wake-up per read. Uses the
     internals _drain relies on (checked by _fast_drain_supported); the task awaits `run()`."""
 
-    __slots__ = ("_handler", "_content", "_parser", "_watch", "_sink", "_loop", "_fut")
+    __slots__ = ("_handler", "_content", "_parser", "_watch", "_sink", "_loop", "_fut", "_proto", "_direct_cb")
 
     def __init__(self, handler: "HttpStreamHandler", content: aiohttp.StreamReader, parser: SseParser,
                  watch: _IdleWatch | None, sink: Callable[[list[SseEvent], int, int], bool],
@@ -457,6 +458,11 @@ class _Pusher:
         self._sink = sink
         self._loop = loop
         self._fut: asyncio.Future | None = None
+        # A connection decoding its chunked body itself (pipeline/chunked.py) hands us each
+        # read's data directly, not through the body's reader.
+        proto = content._protocol
+        self._proto = proto if getattr(proto, "sr_payload", None) is content else None
+        self._direct_cb = self._direct
 
     async def run(self) -> Any:
         """Push reads until the body ends (None), the sink pauses (_PAUSED) or an error (raised)."""
@@ -465,14 +471,44 @@ class _Pusher:
             self._watch.wait_from(self._loop.time())
         try:
             self.set_result(None)  # what is buffered already; then wait for feed_data()
+            proto = self._proto
+            if proto is not None and not fut.done() and proto.sr_payload is self._content:
+                proto.sr_sink = self._direct_cb
             return await fut
         finally:
             self._fut = None
+            self._unhook()
             content = self._content
             if content._waiter is self:
                 content._waiter = None
             if self._watch is not None:
                 self._watch.since = None  # paused or done: no longer waiting on the server
+
+    def _unhook(self) -> None:
+        proto = self._proto
+        if proto is not None and proto.sr_sink is self._direct_cb:
+            proto.sr_sink = None
+
+    def _direct(self, data: bytes) -> None:
+        """One read's body bytes, from a connection that decodes its chunked body itself."""
+        fut = self._fut
+        if fut is None or fut.done():  # not pushing now: the body's reader keeps them
+            self._unhook()
+            self._content.feed_data(data)
+            return
+        handler = self._handler
+        try:
+            if not handler._deliver(self._parser, data, handler.clock_ns(), self._sink):
+                self._unhook()  # from now on the reader buffers (and pauses the socket when full)
+                fut.set_result(_PAUSED)
+                return
+        except Exception as exc:  # never into data_received: the task raises it
+            self._unhook()
+            fut.set_exception(exc)
+            return
+        watch = self._watch
+        if watch is not None:
+            watch.wait_from(self._loop.time())
 
     def done(self) -> bool:
         """aiohttp's set_result() helper asks first: not done while installed."""
@@ -1060,7 +1096,7 @@ class HttpTokenStream:
         clock = pipeline.clock_ns
         session = pipeline.open_stream(self._stream_id, dialect=source.dialect, start_ns=clock())
         own = self._session is None
-        http = self._session or aiohttp.ClientSession()
+        http = self._session or aiohttp.ClientSession(connector=sse_connector())
         handler = HttpStreamHandler(http, source, self.options, max_event_bytes=pipeline.max_event_bytes,
                                     clock_ns=clock, limiter=self._limiter)
         reader = bounded_read_ahead(_sized_batches(handler), pipeline.new_backpressure())

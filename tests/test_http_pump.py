@@ -1,9 +1,10 @@
 """HttpStreamHandler.pump(): the events of each read handed to a sink from inside aiohttp's
 data_received (no task wake-up per read), with events()' retries, resumes, timeouts and errors.
 
-Every test runs over the three ways pump() can read a body: "push" (the _Pusher standing in for
-the reader's waiter), "pull" (readany() for a reader _Pusher cannot stand in for) and "events"
-(an aiohttp without the internals: pump() falls back to events())."""
+Every test runs over the four ways pump() can read a body: "direct" (a connection that decodes
+the chunked body itself hands each read to the _Pusher, pipeline/chunked.py), "push" (the _Pusher
+standing in for the reader's waiter), "pull" (readany() for a reader _Pusher cannot stand in for)
+and "events" (an aiohttp without the internals: pump() falls back to events())."""
 
 from __future__ import annotations
 
@@ -14,21 +15,38 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+import pipeline.chunked as chunked_mod
 import pipeline.http as http_mod
+from pipeline.chunked import sse_connector
 from pipeline.errors import StreamError, TooLargeError
 from pipeline.http import HttpOptions, HttpStreamHandler
 from test_http import FAST, WORDS, Tiny, chat_events, chat_request, client_sockets_to, sse
 
 
-@pytest.fixture(params=["push", "pull", "events"])
+@pytest.fixture(params=["direct", "push", "pull", "events"])
 def pump_path(request, monkeypatch):
+    if request.param == "direct":
+        # Sessions of these tests get the connector the ingest and stream_request use.
+        plain = aiohttp.ClientSession
+        monkeypatch.setattr(aiohttp, "ClientSession", lambda *a, **kw: plain(*a, connector=sse_connector(), **kw))
+        feed = chunked_mod.ChunkedDecoder.feed
+        calls = []
+
+        def counted(self, data):
+            calls.append(len(data))
+            return feed(self, data)
+
+        monkeypatch.setattr(chunked_mod.ChunkedDecoder, "feed", counted)
+        yield request.param
+        assert calls, "no body was decoded by pipeline/chunked.py"
+        return
     if request.param == "pull":
         monkeypatch.setattr(http_mod, "_pushable", lambda content: False)
     elif request.param == "events":
         monkeypatch.setattr(http_mod, "_FAST_DRAIN", False)
     else:
         assert http_mod._FAST_DRAIN, "this aiohttp lacks the internals the push path relies on"
-    return request.param
+    yield request.param
 
 
 class Sink:
@@ -228,3 +246,34 @@ async def test_close_from_the_sink_ends_the_pump_and_releases_the_connection(pum
         assert client_sockets_to(server.port) == 0
     assert 3 <= len(got) < 400
     assert len(server.requests) == 1  # closed by us: not a drop to resume from
+
+
+async def test_reads_that_trickle_in_go_straight_to_the_sink_in_order():
+    """On a connection from sse_connector(), reads arriving while pump() waits are handed to the
+    sink from data_received itself (_Pusher._direct), with pauses in between honoured."""
+    events = chat_events(WORDS * 3)
+    seen = []
+    direct = http_mod._Pusher._direct
+
+    def counted(self, data):
+        seen.append(len(data))
+        return direct(self, data)
+
+    async def handler(request, n):
+        return await sse(request, events, delay=0.002)
+
+    sink = Sink(pause_after=10)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(http_mod._Pusher, "_direct", counted)
+    try:
+        async with Tiny(handler) as server, aiohttp.ClientSession(connector=sse_connector()) as http:
+            h = HttpStreamHandler(http, chat_request(server), HttpOptions())
+            async with h:
+                await h.pump(sink, sink.wait)
+    finally:
+        mp.undo()
+    assert sink.datas == [e.split(b"data: ", 1)[1].rstrip(b"\n") for e in events]
+    assert sink.pauses == 1 and sink.called_while_paused == 0
+    # Reads before the pause came one by one, straight to the sink (after it, the 0.2 s pause
+    # let the whole rest gather in the body's reader).
+    assert len(seen) >= 8

@@ -100,30 +100,23 @@ _JOIN_MAX_BYTES = 32 * 1024
 
 
 class _ReplayLog:
-    """The ring items sent for one stream, packed into one buffer: one object per stream instead
-    of a tuple and a payload per item, and each payload is freed once it is written."""
+    """The ring items sent for one stream, kept to send again to a replacement worker: the
+    payloads themselves (the same bytes objects that went into the ring, so logging copies
+    nothing) and their kinds in a byte array (no tuple per item for the collector to track)."""
 
-    __slots__ = ("data", "index")
+    __slots__ = ("payloads", "kinds")
 
     def __init__(self) -> None:
-        self.data = bytearray()
-        self.index = array("q")  # kind, length, kind, length, ...
+        self.payloads: list[bytes] = []
+        self.kinds = array("B")
 
     def add(self, kind: int, payload: bytes | memoryview) -> None:
-        self.data += payload
-        self.index.append(kind)
-        self.index.append(len(payload))
+        self.payloads.append(payload if type(payload) is bytes else bytes(payload))
+        self.kinds.append(kind)
 
     def items(self) -> list[tuple[int, bytes]]:
         """The items in the order they were added."""
-        out = []
-        data, index = self.data, self.index
-        off = 0
-        for i in range(0, len(index), 2):
-            n = index[i + 1]
-            out.append((index[i], bytes(data[off : off + n])))
-            off += n
-        return out
+        return list(zip(self.kinds, self.payloads))
 
 
 class _IngestStream:
@@ -689,11 +682,12 @@ class Ingest:
     def _http_setup(self) -> None:
         import aiohttp
 
+        from pipeline.chunked import sse_connector
         from pipeline.http import HttpOptions, RateLimiter
 
         self._http_options = opts = HttpOptions.from_dict(self.pipeline.http_options)
         # The caller bounds concurrency; the connector must not add a second, smaller limit.
-        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
+        self._http = aiohttp.ClientSession(connector=sse_connector(limit=0, force_close=False))
         if opts.rpm or opts.tpm:
             # Each of the I ingest processes sends its share: together they keep the limit.
             i = self.ingest_count
