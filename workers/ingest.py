@@ -705,16 +705,22 @@ class Ingest:
             self._http, request, self._http_options,
             max_event_bytes=self.pipeline.max_event_bytes, limiter=self._limiter,
         )
-        gate = self.gates[st.worker]
-        batch = self._batch
+        w = st.worker
+        gate = self.gates[w]
+        blocked = self.blocked  # blocked[w] is True exactly while gate is clear (see _flush)
+        encode = self._encode
+        send = self._send_items
         note = self.linger.note
+        sid = st.stream_id
 
         def sink(events: list, read_ns: int, nbytes: int) -> bool:
-            # Runs inside aiohttp's data_received (no task wake-up per read); False stops
-            # reading this stream's socket while its worker's ring is over the soft limit.
-            batch(st, events, read_ns, nbytes)
+            # Runs inside data_received (no task wake-up per read); False stops reading this
+            # stream's socket while its worker's ring is over the soft limit. _batch() inlined:
+            # this is the per-read path of every HTTP stream.
+            send(st, KIND_SSE, encode(SseBatch(sid, st.seq, read_ns, events, nbytes)))
+            st.seq += 1
             note()
-            return gate.is_set()
+            return not blocked[w]
 
         async with handler:
             await handler.pump(sink, gate.wait)
