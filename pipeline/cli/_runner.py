@@ -88,7 +88,10 @@ async def _run_in_process(pipe: Any, sources: Iterator[Any], concurrency: int,
     """The in-process pipeline: `concurrency` streams at a time on one event loop."""
     import aiohttp
 
-    async with aiohttp.ClientSession() as http:
+    from pipeline.chunked import sse_connector
+
+    # The connector the pool's ingest uses too (limit=0: `concurrency` is the bound).
+    async with aiohttp.ClientSession(connector=sse_connector(limit=0)) as http:
 
         async def one(i: int, src: Any) -> None:
             stream = pipe.stream_request(src, session=http, stream_id=i)
