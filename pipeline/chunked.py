@@ -253,7 +253,9 @@ if _ResponseHandler is not None:
                 k = buf.find(b"\r\n\r\n")
                 if k < 0:
                     if len(buf) > MAX_HEAD or self._parser is None:
-                        self._sr_pass(buf)
+                        # Not a head we can find the end of: the connection is aiohttp's for good.
+                        self._sr_mode = _PASS
+                        super().data_received(buf)
                     else:
                         if self._read_timeout:
                             self._reschedule_timeout()
@@ -270,7 +272,8 @@ if _ResponseHandler is not None:
                 self._sr_mode = _RAW
                 super().data_received(head)
                 payload = self._payload
-                if payload is None or self._parser is None or type(payload) is not aiohttp.StreamReader:
+                if (payload is None or self._parser is None or type(payload) is not aiohttp.StreamReader
+                        or not callable(getattr(payload, "begin_http_chunk_receiving", None))):
                     # aiohttp refused the head (it closes the connection) or made no reader.
                     self._sr_mode = _PASS
                     if buf and self._parser is not None:
@@ -287,7 +290,8 @@ if _ResponseHandler is not None:
                 return
 
         def _sr_pass(self, data: bytes) -> None:
-            """This response is aiohttp's; we look again at the next one on the connection."""
+            """This response (`data` starts with its whole header block) is aiohttp's; we look
+            again at the next one on the connection, once aiohttp has read this one's body."""
             self._sr_mode = _PASS
             super().data_received(data)
             payload = self._payload

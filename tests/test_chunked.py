@@ -228,6 +228,14 @@ async def test_after_a_response_left_to_aiohttp_the_next_one_is_ours_again(decod
     assert server.connections == 1
 
 
+async def test_an_interim_response_before_the_real_one(decoded):
+    body = sse_body(3, "c")
+    responses = [b"HTTP/1.1 100 Continue\r\n\r\n" + SSE_HEAD + encode([body])]
+    async with RawServer(responses, split=5) as server, aiohttp.ClientSession(connector=sse_connector()) as http:
+        assert await read_all(http, server.url) == (200, body)
+    assert b"".join(decoded) == body
+
+
 @pytest.mark.parametrize("bad", [b"zz\r\nabc\r\n", b"3\r\nabcdef"])
 async def test_broken_framing_fails_the_body_as_a_payload_error_and_closes(bad):
     responses = [SSE_HEAD + b"5\r\nhello\r\n" + bad]
