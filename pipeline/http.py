@@ -28,6 +28,7 @@ import aiohttp
 import msgspec
 
 from .backpressure import bounded_read_ahead
+from .chunked import sse_connector
 from .errors import (
     CancelledStreamError,
     ConfigurationError,
@@ -37,7 +38,6 @@ from .errors import (
     TooLargeError,
 )
 from .sources import REDACTED, Replay, Request, _redact_url, is_secret_header
-from .chunked import sse_connector
 from .sse import DEFAULT_MAX_EVENT_BYTES, SseEvent, SseParser
 from .tokens import Error, StreamResult, StreamToken
 
