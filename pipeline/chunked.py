@@ -60,6 +60,25 @@ class ChunkedDecoder:
         self._buf = b""  # an unfinished size or trailer line
 
     def feed(self, data: bytes) -> bytes:
+        # Fastest path: the read is exactly one whole chunk (a size line of bare hex digits, the
+        # data, CRLF), the usual read of an SSE stream with one event per chunk.
+        if self._state == _SIZE and not self._buf:
+            k = data.find(b"\r\n")
+            if 0 < k <= 16:
+                line = data[:k]
+                # isalnum() rules out what int() would take besides hex digits (signs, spaces,
+                # underscores) but a "0x" prefix; int() itself refuses any other letter.
+                if line.isalnum() and line[1:2] not in _X:
+                    try:
+                        size = int(line, 16)
+                    except ValueError:
+                        size = 0
+                    stop = k + 2 + size
+                    if size and len(data) == stop + 2 and data.endswith(b"\r\n"):
+                        return data[k + 2 : stop]
+        return self._feed(data)
+
+    def _feed(self, data: bytes) -> bytes:
         if self._buf:
             data = self._buf + data
             self._buf = b""
@@ -142,6 +161,7 @@ class ChunkedDecoder:
 
 
 _HEX = b"0123456789abcdefABCDEF"
+_X = (b"x", b"X")
 
 
 def _chunk_size(line: bytes) -> int:

@@ -16,6 +16,9 @@ Cases:
 - worker:  a pool worker's core (WorkerCore.on_records on decoded KIND_SSE_LIST entries), 1,000
            OpenAI chat streams, one event per read: the shape of bench.e2e (b).
 - session: StreamSession.process_events in reads of 64 events: the shape of bench.e2e (a).
+- http:    the ingest's read path of a live stream, 1,000 chunked responses, one event per read:
+           our chunked decoding, the _Pusher, SSE parsing and the SseBatch encoding (fake
+           transports: what the kernel and uvloop cost per read is not in it).
 - parser:  SseParser.feed, one event per read.
 """
 
@@ -33,7 +36,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CASES = ("worker", "session", "parser")
+CASES = ("worker", "session", "http", "parser")
 STREAMS = 1000  # worker case: streams read round-robin, one event each per round
 
 
@@ -102,6 +105,87 @@ def _session_case(n: int) -> Callable[[], None]:
     return process
 
 
+def _http_case(n: int) -> Callable[[], None]:
+    """1,000 HTTP responses in flight, one chunk (one event) per read, read the way the ingest
+    reads them: SseResponseHandler.data_received (our chunked decoding) -> _Pusher._direct ->
+    HttpStreamHandler._deliver (SSE parsing) -> a sink that encodes the SseBatch as the
+    ingest's does. Fake transports: no sockets, no event loop turns."""
+    import asyncio
+
+    import msgspec
+
+    from pipeline.chunked import SseResponseHandler
+    from pipeline.http import HttpOptions, HttpStreamHandler, _Pusher
+    from pipeline.sources import Request
+    from pipeline.sse import SseParser
+    from workers.protocol import SseBatch
+
+    class _Transport:  # what the response protocol calls on its transport
+        def is_closing(self) -> bool:
+            return False
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return default
+
+        def pause_reading(self) -> None:
+            pass
+
+        def resume_reading(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    rounds = max(1, n // STREAMS)
+    events = _events(rounds)
+    chunks = [b"%x\r\ndata: %s\n\n\r\n" % (len(e.data) + 8, e.data) for e in events]
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    loop = asyncio.new_event_loop()
+    encode = msgspec.msgpack.Encoder().encode
+    sent: list[bytes] = []
+    request = Request("http://127.0.0.1:1/v1/chat/completions", "POST", {}, b"{}", "openai-chat")
+    protocols = []
+    tasks: list[asyncio.Task] = []
+
+    async def start() -> None:
+        for sid in range(STREAMS):
+            proto = SseResponseHandler(loop)
+            proto.connection_made(_Transport())
+            proto.set_response_params(read_until_eof=False, auto_decompress=True, read_timeout=None,
+                                      read_bufsize=2**16, timeout_ceil_threshold=5,
+                                      max_line_size=8190, max_field_size=8190)
+            proto.data_received(head)
+            seq = [0]
+
+            def sink(evs: list, read_ns: int, nbytes: int, sid: int = sid, seq: list = seq) -> bool:
+                sent.append(encode(SseBatch(sid, seq[0], read_ns, evs, nbytes)))
+                seq[0] += 1
+                return True
+
+            handler = HttpStreamHandler(None, request, HttpOptions())  # type: ignore[arg-type]
+            pusher = _Pusher(handler, proto.sr_payload, SseParser(), None, sink, loop)
+            tasks.append(loop.create_task(pusher.run()))
+            protocols.append(proto)
+        await asyncio.sleep(0)  # each pusher now waits, installed as its connection's sink
+
+    loop.run_until_complete(start())
+
+    def process() -> None:
+        for chunk in chunks:
+            for proto in protocols:
+                proto.data_received(chunk)
+
+    def close() -> None:
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+
+    process.sent = sent  # type: ignore[attr-defined]  # for the harness's own test
+    process.close = close  # type: ignore[attr-defined]
+    return process
+
+
 def _parser_case(n: int) -> Callable[[], None]:
     from bench._data import make_stream, split_events
     from pipeline.sse import SseParser
@@ -119,15 +203,18 @@ def _parser_case(n: int) -> Callable[[], None]:
 
 def events_of(what: str, n: int) -> int:
     """How many events case `what` processes when asked for about `n`."""
-    return max(1, n // STREAMS) * STREAMS if what == "worker" else n
+    return max(1, n // STREAMS) * STREAMS if what in ("worker", "http") else n
 
 
 def child(what: str, n: int, process: bool) -> None:
     """Build case `what`'s inputs and, when `process`, run it (the part callgrind counts)."""
-    build = {"worker": _worker_case, "session": _session_case, "parser": _parser_case}[what]
+    build = {"worker": _worker_case, "session": _session_case, "http": _http_case, "parser": _parser_case}[what]
     run = build(n)
     if process:
         run()
+    close = getattr(run, "close", None)
+    if close is not None:  # in both runs: its cost cancels out
+        close()
 
 
 def count(what: str, n: int, process: bool, cache: bool = False) -> dict[str, int]:
