@@ -254,3 +254,21 @@ async def test_a_drop_mid_chunk_is_a_payload_error():
                 while await resp.content.readany():
                     pass
     assert got == b"hello"
+
+
+async def test_without_the_internals_it_relies_on_aiohttp_reads_everything(decoded, monkeypatch):
+    body = sse_body(4, "f")
+    monkeypatch.setattr(chunked_mod, "raw_chunked_supported", lambda: False)
+    async with RawServer([SSE_HEAD + encode([body])]) as server, aiohttp.ClientSession(connector=sse_connector()) as http:
+        assert http.connector._factory.func is not chunked_mod.SseResponseHandler  # type: ignore[union-attr]
+        assert await read_all(http, server.url) == (200, body)
+    assert decoded == []
+
+
+async def test_a_protocol_missing_state_it_reads_leaves_every_response_to_aiohttp(decoded, monkeypatch):
+    body = sse_body(4, "m")
+    monkeypatch.setattr(chunked_mod, "_PROTOCOL_FIELDS", (*chunked_mod._PROTOCOL_FIELDS, "_no_such_field"))
+    async with RawServer([SSE_HEAD + encode([body])] * 2) as server, aiohttp.ClientSession(connector=sse_connector()) as http:
+        assert await read_all(http, server.url) == (200, body)
+        assert await read_all(http, server.url) == (200, body)
+    assert decoded == []
