@@ -589,7 +589,7 @@ class HttpStreamHandler:
         self.retry_ms: int | None = None  # the server's `retry:` (ms), kept across connections
         self.delivered = False  # whether any event was handed out (no plain re-send after that)
         self.batch_bytes = 0  # body bytes behind the batch just yielded (reads since the last one)
-        self._pending = 0  # body bytes read since the last batch handed out (pump)
+        self._pending = 0  # body bytes read since the last batch handed out
         self._response: aiohttp.ClientResponse | None = None
         self._watch: _IdleWatch | None = None  # the idle timer of the body being read
         self._closed = False
@@ -625,7 +625,12 @@ class HttpStreamHandler:
         clock = self.clock_ns
         loop = asyncio.get_running_loop()
         idle = opts.idle_timeout
-        pending = 0  # bytes read since the last yielded batch (reads of comments, partial events)
+        got: list[list[SseEvent]] = []  # the events of the read just parsed, if it completed any
+
+        def collect(events: list[SseEvent], read_ns: int, nbytes: int) -> bool:
+            got.append(events)
+            return True
+
         try:
             resp = await self._open()
             while True:
@@ -667,31 +672,14 @@ class HttpStreamHandler:
                     read_ns = clock()
                     if not chunk:
                         break
-                    n = len(chunk)
-                    self.bytes_read += n
-                    pending += n
                     try:
-                        events = parser.feed(chunk)
-                    except TooLargeError as exc:
-                        done = exc.received if isinstance(exc.received, list) else []
-                        self._note(parser)
-                        if done:
-                            self.delivered = True
-                            self.batch_bytes, pending = pending, 0
-                            yield done, read_ns
+                        self._deliver(parser, chunk, read_ns, collect)
+                    except TooLargeError:
+                        if got:  # the events completed before the oversize one
+                            yield got.pop(), read_ns
                         raise
-                    # An `id:` block without data moves the last event ID too (spec), so note it
-                    # after every read, not only reads that dispatched events (inlined _note).
-                    # The ID to resume from is the one of the last dispatched block, never an `id:`
-                    # whose event may still be cut off.
-                    self.last_event_id = parser.resume_event_id
-                    if parser.retry is not None:
-                        self.retry_ms = parser.retry
-                    if events:
-                        self.delivered = True
-                        self.batch_bytes = pending
-                        pending = 0
-                        yield events, read_ns
+                    if got:
+                        yield got.pop(), read_ns
                 resumed = await self._end_of_body(parser, dropped)
                 if resumed is None:
                     return
@@ -822,6 +810,9 @@ class HttpStreamHandler:
                 self.batch_bytes, self._pending = self._pending, 0
                 sink(done, read_ns, self.batch_bytes)
             raise
+        # An `id:` block without data moves the last event ID too (spec), so note it after every
+        # read, not only reads that dispatched events (_note inlined). The ID to resume from is
+        # the one of the last dispatched block, never an `id:` whose event may still be cut off.
         self.last_event_id = parser.resume_event_id
         if parser.retry is not None:
             self.retry_ms = parser.retry

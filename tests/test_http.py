@@ -106,6 +106,17 @@ def chat_events(words, ids: bool = False, first_id: int = 1) -> list[bytes]:
     out.append(b"data: [DONE]\n\n")
     return out
 
+async def two_events_then_silence(request: web.Request, server: "Tiny") -> web.StreamResponse:
+    """Two chat events 0.1 s apart, then nothing until the server stops: a stream gone idle."""
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    for e in chat_events(["a", "b"])[:2]:
+        await resp.write(e)
+        await asyncio.sleep(0.1)
+    await server.stall(5)
+    return resp
+
+
 
 def chat_request(server: Tiny, api_key: str | None = "sk-test-000", **kw) -> Request:
     return Request.openai_chat(base_url=server.url + "/v1", model="m", messages=[{"role": "user", "content": "hi"}],
@@ -614,10 +625,7 @@ async def test_handler_close_mid_stream_releases_and_ends_events():
 
 
 async def test_no_fd_or_connection_growth_across_every_path():
-    stall_count = 0
-
     async def handler(request, n):
-        nonlocal stall_count
         kind = request.headers.get("x-case")
         if kind == "ok":
             return await sse(request, chat_events(["a", "b"]))
@@ -850,13 +858,7 @@ async def test_many_small_and_large_writes_reach_the_parser_exactly(read_path):
 
 async def test_idle_timeout_mid_body_fires_near_its_value_on_either_path(read_path):
     async def handler(request, n):
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        for e in chat_events(["a", "b"])[:2]:
-            await resp.write(e)
-            await asyncio.sleep(0.1)
-        await server.stall(5)
-        return resp
+        return await two_events_then_silence(request, server)
 
     async with Tiny(handler) as server, aiohttp.ClientSession() as http:
         t0 = time.monotonic()

@@ -20,7 +20,7 @@ import pipeline.http as http_mod
 from pipeline.chunked import sse_connector
 from pipeline.errors import StreamError, TooLargeError
 from pipeline.http import HttpOptions, HttpStreamHandler
-from test_http import FAST, WORDS, Tiny, chat_events, chat_request, client_sockets_to, sse
+from test_http import FAST, WORDS, Tiny, chat_events, chat_request, client_sockets_to, sse, two_events_then_silence
 
 
 @pytest.fixture(params=["direct", "push", "pull", "events"])
@@ -105,13 +105,7 @@ async def test_pump_hands_over_every_event_once_in_order(pump_path, pause_after)
 
 async def test_pump_idle_timeout_fires_near_its_value_and_releases_the_connection(pump_path):
     async def handler(request, n):
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        for e in chat_events(["a", "b"])[:2]:
-            await resp.write(e)
-            await asyncio.sleep(0.1)
-        await server.stall(5)
-        return resp
+        return await two_events_then_silence(request, server)
 
     sink = Sink()
     async with Tiny(handler) as server, aiohttp.ClientSession() as http:
