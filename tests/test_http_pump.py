@@ -254,7 +254,7 @@ async def test_reads_that_trickle_in_go_straight_to_the_sink_in_order():
         return direct(self, data)
 
     async def handler(request, n):
-        return await sse(request, events, delay=0.002)
+        return await sse(request, events, delay=0.01)  # slow enough that the pump is waiting
 
     sink = Sink(pause_after=10)
     mp = pytest.MonkeyPatch()
