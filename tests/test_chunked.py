@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import gzip
 import random
 
+import aiohttp
 import pytest
 
-from pipeline.chunked import ChunkedDecoder, ChunkedFormatError, _plain_chunked_200
+import pipeline.chunked as chunked_mod
+from pipeline.chunked import ChunkedDecoder, ChunkedFormatError, _plain_chunked_200, sse_connector
 
 
 def encode(pieces: list[bytes], *, ext: bool = False, trailers: tuple[bytes, ...] = (), upper: bool = False) -> bytes:
@@ -119,14 +123,6 @@ def test_only_plain_chunked_200s_are_ours(head, want):
 
 
 # --- SseResponseHandler on real connections ----------------------------------------------------
-
-import asyncio  # noqa: E402
-import gzip  # noqa: E402
-
-import aiohttp  # noqa: E402
-
-import pipeline.chunked as chunked_mod  # noqa: E402
-from pipeline.chunked import sse_connector  # noqa: E402
 
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
