@@ -1,4 +1,6 @@
-"""ChunkedDecoder against the framing as RFC 9112 section 7.1 writes it, cut at every point."""
+"""pipeline/chunked.py: ChunkedDecoder against the framing as RFC 9112 section 7.1 writes it, cut
+at every point; SseResponseHandler on loopback connections (reuse, aiohttp's responses in
+between, broken framing, drops, and aiohttp without the internals it relies on)."""
 
 from __future__ import annotations
 
