@@ -333,11 +333,11 @@ class Ingest:
     def _send_items(self, st: _IngestStream, kind: int, payload: bytes) -> None:
         w = st.worker
         n = len(payload)
-        item = (kind, payload)
-        if kind == KIND_SSE and n <= self.join_limit[w]:
+        limit = self.join_limit[w]
+        if kind == KIND_SSE and n <= limit:
             # Event batches gather into the worker's open run, joined into one KIND_SSE_LIST
             # entry when the run closes (one ring entry, one decode call in the worker).
-            if self.run_bytes[w] + n > self.join_limit[w]:
+            if self.run_bytes[w] + n > limit:
                 self._close_run(w)
             self.runs[w].append(payload)
             self.run_bytes[w] += n
@@ -346,7 +346,7 @@ class Ingest:
             self._close_run(w)  # keeps this stream's order: what came before goes first
             if n <= self.max_entry[w]:
                 items = None
-                self.pending[w].append(item)
+                self.pending[w].append((kind, payload))
             else:
                 items = ring_items(kind, payload, self.max_entry[w])
                 self.pending[w].extend(items)
